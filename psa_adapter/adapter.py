@@ -1,0 +1,377 @@
+"""The PSA adapter: a user projection plus a zero-initialised user branch in every cross-attention layer.
+
+Shapes: ``E`` user-embedding size, ``K`` user tokens, ``D = unet.config.cross_attention_dim``, ``H`` the attention
+width of one ``attn2`` layer. The user tokens travel inside the text conditioning: a caller appends
+``user_tokens(u)`` (B, K, D) to ``encoder_hidden_states`` (B, L, D) and every processor splits the last ``K``
+tokens off again. That keeps stock diffusers pipelines usable: their ``prompt_embeds`` argument carries the tokens,
+and classifier-free guidance batching comes for free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from psa_adapter.attention import PSAAttnProcessor
+from psa_adapter.utils import atomic_write
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "psa_adapter.safetensors"
+REFERENCE_BIN_NAME = "psa_adapter.bin"
+# Short block names accepted by `set_scale`, as in diffusers' `set_ip_adapter_scale`.
+_BLOCK_ALIASES = {"down": "down_blocks", "mid": "mid_block", "up": "up_blocks"}
+
+
+class AdapterMismatchError(ValueError):
+    """An adapter does not fit a UNet or a checkpoint does not fit an adapter."""
+
+
+def is_sdxl_unet(unet) -> bool:
+    """SDXL-style UNets take pooled text embeddings and time ids (``addition_embed_type == "text_time"``)."""
+    return getattr(unet.config, "addition_embed_type", None) == "text_time"
+
+
+def cross_attention_layers(unet) -> dict[str, int]:
+    """Every cross-attention (``attn2``) module name of ``unet`` mapped to its attention width ``H``.
+
+    The order is the order of ``unet.attn_processors``, which the reference checkpoint format relies on.
+    """
+    modules = dict(unet.named_modules())
+    layers = {}
+    for proc_name in unet.attn_processors:
+        name = proc_name.removesuffix(".processor")
+        if not name.endswith("attn2"):
+            continue
+        layers[name] = modules[name].to_q.out_features
+    return layers
+
+
+@dataclass
+class PSAAdapterConfig:
+    """Everything needed to rebuild an adapter and to check that it fits a UNet and an embedding store."""
+
+    embed_dim: int
+    num_tokens: int
+    cross_attention_dim: int
+    layers: dict[str, int]
+    base_family: str = "sd15"
+    encoder: dict | None = None
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self):
+        for name, value in (("embed_dim", self.embed_dim), ("num_tokens", self.num_tokens),
+                            ("cross_attention_dim", self.cross_attention_dim)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"PSAAdapterConfig.{name} must be a positive integer, got {value!r}")
+        if not self.layers:
+            raise ValueError("PSAAdapterConfig.layers is empty: the UNet has no cross-attention layers")
+        if self.format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"adapter format version {self.format_version} is newer than this code supports ({FORMAT_VERSION})"
+            )
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> PSAAdapterConfig:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise AdapterMismatchError(f"cannot read adapter config {path}: {err}") from err
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise AdapterMismatchError(f"{path}: unknown adapter config keys {sorted(unknown)}")
+        try:
+            return cls(**data)
+        except TypeError as err:
+            raise AdapterMismatchError(f"{path}: {err}") from err
+
+
+class UserProjection(nn.Module):
+    """``Linear(E -> K*D)`` then ``LayerNorm(D)``: (B, E) user embeddings to (B, K, D) user tokens."""
+
+    def __init__(self, embed_dim: int, num_tokens: int, cross_attention_dim: int):
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.cross_attention_dim = cross_attention_dim
+        self.proj = nn.Linear(embed_dim, num_tokens * cross_attention_dim)
+        self.norm = nn.LayerNorm(cross_attention_dim)
+
+    def forward(self, user_embeds: torch.Tensor) -> torch.Tensor:
+        tokens = self.proj(user_embeds.to(self.proj.weight.dtype))
+        return self.norm(tokens.reshape(-1, self.num_tokens, self.cross_attention_dim))
+
+
+class UserBranch(nn.Module):
+    """The per-layer key/value projections of the user tokens, zero at initialisation."""
+
+    def __init__(self, cross_attention_dim: int, hidden_size: int):
+        super().__init__()
+        self.to_k_user = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+        self.to_v_user = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+        nn.init.zeros_(self.to_k_user.weight)
+        nn.init.zeros_(self.to_v_user.weight)
+
+
+def _module_key(layer_name: str) -> str:
+    # ModuleDict keys may not contain dots.
+    return layer_name.replace(".", "__")
+
+
+class PSAAdapter(nn.Module):
+    """Trainable PSA weights; ``attach`` installs them into a UNet's cross-attention processors.
+
+    The adapter's parameters live here, never inside the UNet, so the UNet stays frozen and unchanged and the
+    reference model of the DPO loss is simply the same UNet with the adapter at scale 0.
+    """
+
+    def __init__(self, config: PSAAdapterConfig):
+        super().__init__()
+        self.config = config
+        self.user_proj = UserProjection(config.embed_dim, config.num_tokens, config.cross_attention_dim)
+        self.branches = nn.ModuleDict(
+            {_module_key(name): UserBranch(config.cross_attention_dim, width) for name, width in config.layers.items()}
+        )
+        if config.num_tokens == 1:
+            # Softmax over one key is 1: to_k_user can never get a gradient. Kept for checkpoint compatibility.
+            for branch in self.branches.values():
+                branch.to_k_user.weight.requires_grad_(False)
+        # Plain attribute, not a submodule: the UNet must never become part of the adapter's parameters.
+        self.__dict__["_unet"] = None
+        self._processors: dict[str, PSAAttnProcessor] = {}
+        self._original_processors: dict = {}
+        self._scale: float | dict = 1.0
+
+    # ----------------------------------------------------------------------------------------------- construction
+    @classmethod
+    def for_unet(cls, unet, embed_dim: int, num_tokens: int = 1, encoder: dict | None = None) -> PSAAdapter:
+        """A fresh adapter (zero user branch, default-initialised projection) shaped for ``unet``."""
+        config = PSAAdapterConfig(
+            embed_dim=int(embed_dim),
+            num_tokens=int(num_tokens),
+            cross_attention_dim=int(unet.config.cross_attention_dim),
+            layers=cross_attention_layers(unet),
+            base_family="sdxl" if is_sdxl_unet(unet) else "sd15",
+            encoder=encoder,
+        )
+        return cls(config)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.config.num_tokens
+
+    def branch(self, layer_name: str) -> UserBranch:
+        return self.branches[_module_key(layer_name)]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------------------------------------- user tokens
+    def user_tokens(self, user_embeds: torch.Tensor) -> torch.Tensor:
+        """(B, E) user embeddings -> (B, K, D) user tokens."""
+        if user_embeds.ndim != 2 or user_embeds.shape[1] != self.config.embed_dim:
+            raise AdapterMismatchError(
+                f"user embeddings must have shape (batch, {self.config.embed_dim}), got {tuple(user_embeds.shape)}"
+            )
+        return self.user_proj(user_embeds)
+
+    def null_tokens(self, batch_size: int) -> torch.Tensor:
+        """``proj(0)`` tokens (B, K, D): what the unconditional branch of classifier-free guidance receives."""
+        weight = self.user_proj.proj.weight
+        zeros = torch.zeros(batch_size, self.config.embed_dim, device=weight.device, dtype=weight.dtype)
+        return self.user_proj(zeros)
+
+    @staticmethod
+    def extend_hidden_states(encoder_hidden_states: torch.Tensor, user_tokens: torch.Tensor) -> torch.Tensor:
+        """Append (B, K, D) user tokens to (B, L, D) text states: the (B, L + K, D) input of an adapted UNet."""
+        if user_tokens.shape[0] != encoder_hidden_states.shape[0]:
+            raise ValueError(
+                f"batch of user tokens ({user_tokens.shape[0]}) != batch of text states "
+                f"({encoder_hidden_states.shape[0]})"
+            )
+        return torch.cat([encoder_hidden_states, user_tokens.to(encoder_hidden_states.dtype)], dim=1)
+
+    # ------------------------------------------------------------------------------------------- attach / detach
+    def check_unet(self, unet) -> None:
+        """Raise ``AdapterMismatchError`` saying exactly how this adapter and ``unet`` disagree."""
+        problems = []
+        d = int(unet.config.cross_attention_dim)
+        if d != self.config.cross_attention_dim:
+            problems.append(f"cross_attention_dim: adapter {self.config.cross_attention_dim}, UNet {d}")
+        layers = cross_attention_layers(unet)
+        missing = [n for n in layers if n not in self.config.layers]
+        extra = [n for n in self.config.layers if n not in layers]
+        if missing:
+            problems.append(f"{len(missing)} UNet cross-attention layers have no adapter weights, e.g. {missing[0]}")
+        if extra:
+            problems.append(f"{len(extra)} adapter layers do not exist in the UNet, e.g. {extra[0]}")
+        widths = [f"{n}: adapter {self.config.layers[n]}, UNet {w}" for n, w in layers.items()
+                  if n in self.config.layers and self.config.layers[n] != w]
+        if widths:
+            problems.append(f"{len(widths)} layers differ in width, e.g. {widths[0]}")
+        if problems:
+            raise AdapterMismatchError("adapter does not fit this UNet: " + "; ".join(problems))
+
+    def attach(self, unet) -> PSAAdapter:
+        """Install PSA processors on every ``attn2`` of ``unet`` (self-attention is untouched)."""
+        if self._unet is not None:
+            if self._unet is unet:
+                return self
+            raise RuntimeError("this adapter is already attached to another UNet; call detach() first")
+        self.check_unet(unet)
+        self._original_processors = dict(unet.attn_processors)
+        new = {}
+        self._processors = {}
+        for proc_name, processor in self._original_processors.items():
+            layer = proc_name.removesuffix(".processor")
+            if layer in self.config.layers:
+                psa = PSAAttnProcessor(self.branch(layer), self.config.num_tokens, base_processor=processor)
+                self._processors[layer] = psa
+                new[proc_name] = psa
+            else:
+                new[proc_name] = processor
+        unet.set_attn_processor(new)
+        self.__dict__["_unet"] = unet
+        self.set_scale(self._scale)
+        return self
+
+    def detach(self) -> None:
+        """Restore the UNet's original processors."""
+        if self._unet is None:
+            return
+        self._unet.set_attn_processor(self._original_processors)
+        self.__dict__["_unet"] = None
+        self._processors, self._original_processors = {}, {}
+
+    # ----------------------------------------------------------------------------------------------------- scale
+    def set_scale(self, scale: float | Mapping[str, float]) -> None:
+        """A float for every layer, or a dict from block names to floats.
+
+        Dict keys are ``"down"``, ``"mid"``, ``"up"``, or any prefix of a layer name such as ``"up_blocks.1"``;
+        the longest matching prefix wins and layers no key matches get 0, as diffusers' IP-Adapter scales do.
+        """
+        self._scale = scale
+        for layer, processor in self._processors.items():
+            processor.scale = self._layer_scale(layer, scale)
+
+    def _layer_scale(self, layer: str, scale: float | Mapping[str, float]) -> float:
+        if not isinstance(scale, Mapping):
+            return float(scale)
+        best, best_len = 0.0, -1
+        for key, value in scale.items():
+            prefix = _BLOCK_ALIASES.get(key, key)
+            if (layer == prefix or layer.startswith(prefix + ".")) and len(prefix) > best_len:
+                best, best_len = float(value), len(prefix)
+        return best
+
+    def layer_scales(self) -> dict[str, float]:
+        return {layer: self._layer_scale(layer, self._scale) for layer in self.config.layers}
+
+    @contextlib.contextmanager
+    def scale_context(self, scale: float | Mapping[str, float]) -> Iterator[None]:
+        """Temporarily use ``scale``; ``scale_context(0.0)`` is exactly the frozen base model."""
+        previous = self._scale
+        self.set_scale(scale)
+        try:
+            yield
+        finally:
+            self.set_scale(previous)
+
+    # ------------------------------------------------------------------------------------------- saving / loading
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights keyed by layer name (our file format), e.g. ``down_blocks.0...attn2.to_v_user.weight``."""
+        state = {f"user_proj.{k}": v for k, v in self.user_proj.state_dict().items()}
+        for layer in self.config.layers:
+            branch = self.branch(layer)
+            state[f"{layer}.to_k_user.weight"] = branch.to_k_user.weight
+            state[f"{layer}.to_v_user.weight"] = branch.to_v_user.weight
+        return {k: v.detach().contiguous() for k, v in state.items()}
+
+    def load_adapter_state_dict(self, state: Mapping[str, torch.Tensor], source: str = "state dict") -> None:
+        """Load weights keyed as ``adapter_state_dict`` writes them; every key and shape must match."""
+        expected = self.adapter_state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"{len(missing)} missing keys, e.g. {missing[0]}")
+            if unexpected:
+                parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[0]}")
+            raise AdapterMismatchError(f"{source}: " + "; ".join(parts))
+        for key, target in expected.items():
+            if tuple(state[key].shape) != tuple(target.shape):
+                raise AdapterMismatchError(
+                    f"{source}: {key} has shape {tuple(state[key].shape)}, expected {tuple(target.shape)}"
+                )
+        with torch.no_grad():
+            proj = {k.removeprefix("user_proj."): state[k] for k in expected if k.startswith("user_proj.")}
+            self.user_proj.load_state_dict({k: v.to(self.user_proj.proj.weight.dtype) for k, v in proj.items()})
+            for layer in self.config.layers:
+                branch = self.branch(layer)
+                branch.to_k_user.weight.copy_(state[f"{layer}.to_k_user.weight"])
+                branch.to_v_user.weight.copy_(state[f"{layer}.to_v_user.weight"])
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write ``config.json`` and ``psa_adapter.safetensors`` into ``save_directory`` (each atomically)."""
+        from safetensors.torch import save_file
+
+        out = Path(save_directory)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.cpu() for k, v in self.adapter_state_dict().items()}
+        atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+        text = json.dumps(asdict(self.config), indent=2) + "\n"
+        atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, unet=None, embed_dim: int | None = None) -> PSAAdapter:
+        """Load our folder format, or the reference ``psa_adapter.bin`` / ``.safetensors`` (which needs ``unet``).
+
+        When ``unet`` is given the adapter is checked against it (but not attached).
+        """
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"adapter path does not exist: {path}")
+        if path.is_dir() and (path / CONFIG_NAME).exists():
+            config = PSAAdapterConfig.from_json_file(path / CONFIG_NAME)
+            adapter = cls(config)
+            weights = path / WEIGHTS_NAME
+            if not weights.exists():
+                raise FileNotFoundError(f"adapter folder {path} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
+            from safetensors.torch import load_file
+
+            adapter.load_adapter_state_dict(load_file(str(weights)), source=str(weights))
+            if unet is not None:
+                adapter.check_unet(unet)
+            return adapter
+        if path.is_dir():
+            candidates = [path / REFERENCE_BIN_NAME, path / "psa_adapter.safetensors"]
+            found = [c for c in candidates if c.exists()]
+            if not found:
+                raise FileNotFoundError(
+                    f"{path} holds neither our adapter ({CONFIG_NAME} + {WEIGHTS_NAME}) nor a reference "
+                    f"{REFERENCE_BIN_NAME}"
+                )
+            path = found[0]
+        if unet is None:
+            raise ValueError(f"loading the reference-format adapter {path} needs the UNet it was trained for")
+        from psa_adapter.reference import load_reference_adapter
+
+        return load_reference_adapter(cls, path, unet)
+
+
+__all__ = [
+    "AdapterMismatchError",
+    "PSAAdapter",
+    "PSAAdapterConfig",
+    "UserProjection",
+    "cross_attention_layers",
+    "is_sdxl_unet",
+]
