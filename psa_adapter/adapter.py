@@ -64,9 +64,15 @@ class PSAAdapterConfig:
     layers: dict[str, int]
     base_family: str = "sd15"
     encoder: dict | None = None
+    # "none" is the paper's design. "standardize" (our variant) divides each embedding dimension by its spread over
+    # the training users after subtracting their mean: LLM/sentence embeddings of different users are nearly
+    # parallel (cosine ~0.99), and standardising makes their differences visible to the projection.
+    embed_norm: str = "none"
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
+        if self.embed_norm not in ("none", "standardize"):
+            raise ValueError(f"PSAAdapterConfig.embed_norm must be 'none' or 'standardize', got {self.embed_norm!r}")
         for name, value in (("embed_dim", self.embed_dim), ("num_tokens", self.num_tokens),
                             ("cross_attention_dim", self.cross_attention_dim)):
             if not isinstance(value, int) or value < 1:
@@ -97,15 +103,23 @@ class PSAAdapterConfig:
 class UserProjection(nn.Module):
     """``Linear(E -> K*D)`` then ``LayerNorm(D)``: (B, E) user embeddings to (B, K, D) user tokens."""
 
-    def __init__(self, embed_dim: int, num_tokens: int, cross_attention_dim: int):
+    def __init__(self, embed_dim: int, num_tokens: int, cross_attention_dim: int, standardize: bool = False):
         super().__init__()
         self.num_tokens = num_tokens
         self.cross_attention_dim = cross_attention_dim
         self.proj = nn.Linear(embed_dim, num_tokens * cross_attention_dim)
         self.norm = nn.LayerNorm(cross_attention_dim)
+        self.standardize = standardize
+        if standardize:
+            self.register_buffer("embed_mean", torch.zeros(embed_dim))
+            self.register_buffer("embed_std", torch.ones(embed_dim))
 
-    def forward(self, user_embeds: torch.Tensor) -> torch.Tensor:
-        tokens = self.proj(user_embeds.to(self.proj.weight.dtype))
+    def forward(self, user_embeds: torch.Tensor, raw: bool = False) -> torch.Tensor:
+        """(B, E) -> (B, K, D). ``raw=True`` skips the optional standardisation (used for ``proj(0)``)."""
+        x = user_embeds.to(self.proj.weight.dtype)
+        if self.standardize and not raw:
+            x = (x - self.embed_mean) / self.embed_std
+        tokens = self.proj(x)
         return self.norm(tokens.reshape(-1, self.num_tokens, self.cross_attention_dim))
 
 
@@ -135,7 +149,10 @@ class PSAAdapter(nn.Module):
     def __init__(self, config: PSAAdapterConfig):
         super().__init__()
         self.config = config
-        self.user_proj = UserProjection(config.embed_dim, config.num_tokens, config.cross_attention_dim)
+        standardize = config.embed_norm == "standardize"
+        self.user_proj = UserProjection(
+            config.embed_dim, config.num_tokens, config.cross_attention_dim, standardize=standardize
+        )
         self.branches = nn.ModuleDict(
             {_module_key(name): UserBranch(config.cross_attention_dim, width) for name, width in config.layers.items()}
         )
@@ -151,7 +168,9 @@ class PSAAdapter(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- construction
     @classmethod
-    def for_unet(cls, unet, embed_dim: int, num_tokens: int = 1, encoder: dict | None = None) -> PSAAdapter:
+    def for_unet(
+        cls, unet, embed_dim: int, num_tokens: int = 1, encoder: dict | None = None, embed_norm: str = "none"
+    ) -> PSAAdapter:
         """A fresh adapter (zero user branch, default-initialised projection) shaped for ``unet``."""
         config = PSAAdapterConfig(
             embed_dim=int(embed_dim),
@@ -160,6 +179,7 @@ class PSAAdapter(nn.Module):
             layers=cross_attention_layers(unet),
             base_family="sdxl" if is_sdxl_unet(unet) else "sd15",
             encoder=encoder,
+            embed_norm=embed_norm,
         )
         return cls(config)
 
@@ -183,10 +203,24 @@ class PSAAdapter(nn.Module):
         return self.user_proj(user_embeds)
 
     def null_tokens(self, batch_size: int) -> torch.Tensor:
-        """``proj(0)`` tokens (B, K, D): what the unconditional branch of classifier-free guidance receives."""
+        """``proj(0)`` tokens (B, K, D): what the unconditional branch of classifier-free guidance receives.
+
+        With ``embed_norm="standardize"`` the zero is taken after standardisation, i.e. the mean training user.
+        """
         weight = self.user_proj.proj.weight
         zeros = torch.zeros(batch_size, self.config.embed_dim, device=weight.device, dtype=weight.dtype)
-        return self.user_proj(zeros)
+        return self.user_proj(zeros, raw=True)
+
+    def fit_embedding_norm(self, user_embeds: torch.Tensor, eps: float = 1e-6) -> None:
+        """Set the standardisation statistics from (N, E) training-user embeddings (``embed_norm="standardize"``)."""
+        if not self.user_proj.standardize:
+            raise ValueError("fit_embedding_norm needs an adapter built with embed_norm='standardize'")
+        x = torch.as_tensor(user_embeds, dtype=torch.float64)
+        if x.ndim != 2 or x.shape[1] != self.config.embed_dim or x.shape[0] < 2:
+            raise ValueError(f"expected (N >= 2, {self.config.embed_dim}) embeddings, got {tuple(x.shape)}")
+        with torch.no_grad():
+            self.user_proj.embed_mean.copy_(x.mean(0))
+            self.user_proj.embed_std.copy_(x.std(0).clamp_min(eps))
 
     @staticmethod
     def extend_hidden_states(encoder_hidden_states: torch.Tensor, user_tokens: torch.Tensor) -> torch.Tensor:

@@ -229,3 +229,19 @@ def test_attached_adapter_does_not_own_the_unet(unet):
         assert sum(p.numel() for p in adapter.parameters()) < sum(p.numel() for p in unet.parameters())
     finally:
         adapter.detach()
+
+
+def test_standardize_variant_roundtrips_and_separates_near_parallel_users(unet, tmp_path):
+    base = torch.randn(E)
+    users = base + 1e-3 * torch.randn(8, E)  # nearly parallel, like real user embeddings
+    adapter = PSAAdapter.for_unet(unet, embed_dim=E, embed_norm="standardize")
+    adapter.fit_embedding_norm(users)
+    standardized = (users - adapter.user_proj.embed_mean) / adapter.user_proj.embed_std
+    assert torch.allclose(standardized.std(0), torch.ones(E), atol=1e-4)
+    adapter.save_pretrained(tmp_path / "s")
+    loaded = PSAAdapter.from_pretrained(tmp_path / "s", unet=unet)
+    assert loaded.config.embed_norm == "standardize"
+    assert torch.equal(loaded.user_tokens(users), adapter.user_tokens(users))
+    assert torch.equal(loaded.null_tokens(2), adapter.null_tokens(2))
+    with pytest.raises(ValueError, match="embed_norm"):
+        PSAAdapter.for_unet(unet, embed_dim=E).fit_embedding_norm(users)
