@@ -1,0 +1,573 @@
+"""Batch image generation from the command line: the logic behind ``infer.py``.
+
+Accepts the reference implementation's flags (``--sd_model``, ``--meta_data``, ``--save_path``, ``--load_psa``,
+``--psa_path``, ``--embeds_folder``, ...) plus single prompts, CSV prompt sets and strictness levels.
+
+Work is split across processes under ``accelerate launch``: process ``r`` of ``n`` takes prompts ``r, r + n, ...``.
+Image ``i`` (0-based position in the prompt list, after ``--limit``) always uses seed ``--seed + i``, so an image
+is the same whatever the batch size or the number of processes. Existing images are skipped (resume); images are
+written atomically, so an interrupted run never leaves half an image behind. ``manifest.jsonl`` beside the images
+records, per image, its file, prompt, user, seed and the generation settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+DEFAULT_SEED = 2025
+MANIFEST_NAME = "manifest.jsonl"
+CONFIG_NAME = "resolved_config.yaml"
+# Settings recorded per image; a resumed image made with other values is reported.
+_SETTING_KEYS = ("prompt", "user", "seed", "psa_scale", "guidance", "steps", "model", "adapter", "negative_prompt")
+
+
+class InferError(Exception):
+    """Bad input: printed as one message (no traceback) and the program exits with status 1."""
+
+
+@dataclass
+class Job:
+    """One image to generate. ``index`` is its position in the prompt list: its seed is ``--seed + index``."""
+
+    index: int
+    prompt: str
+    file_name: str
+    user: str | None  # 7-digit User_ID, "L0".."L5", "profile:<path>", or None
+    where: str  # "file line N" for messages
+
+
+# ------------------------------------------------------------------------------------------------------ inputs
+def normalize_user_id(value, where: str) -> str:
+    """``33``, ``"33"`` or ``"0000033"`` -> ``"0000033"``; anything else is an ``InferError`` naming ``where``."""
+    text = str(value).strip()
+    if not text.isdigit() or len(text) > 7:
+        raise InferError(
+            f"{where}: user id {text!r} is not a User_ID (expected up to 7 digits, e.g. 0000033 or 33)"
+        )
+    return text.zfill(7)
+
+
+def _image_formats() -> dict[str, str]:
+    from PIL import Image
+
+    Image.init()
+    return {ext: fmt for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+
+
+def check_file_name(name: str, where: str) -> str:
+    """A relative output path inside the save folder with an image extension PIL can write."""
+    path = PurePosixPath(name.replace("\\", "/"))
+    if not name or path.is_absolute() or ".." in path.parts:
+        raise InferError(f"{where}: file_name {name!r} must be a relative path inside --save_path")
+    if path.suffix.lower() not in _image_formats():
+        raise InferError(f"{where}: file_name {name!r} has no image extension (.png, .jpg, ...)")
+    return str(path)
+
+
+def read_sage_jobs(path: str | os.PathLike) -> list[Job]:
+    """SAGE ``metadata.jsonl``: every record (harmful and safe captions) with its ``caption``,
+    ``user_data.User_ID`` and ``file_name`` (kept as is, as the reference does)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InferError(f"--meta_data file not found: {path}")
+    jobs = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path} line {line_no}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise InferError(f"{where}: not valid JSON ({err.msg})") from err
+            missing = [k for k in ("caption", "file_name") if k not in record]
+            if missing:
+                raise InferError(f"{where}: record has no {' or '.join(missing)} field")
+            user = (record.get("user_data") or {}).get("User_ID")
+            jobs.append(Job(
+                index=len(jobs), prompt=str(record["caption"]), where=where,
+                file_name=check_file_name(str(record["file_name"]), where),
+                user=None if user is None else normalize_user_id(user, where),
+            ))
+    return jobs
+
+
+def read_csv_jobs(path: str | os.PathLike) -> list[Job]:
+    """A prompt CSV with a ``caption`` column and optional ``user_id`` (zero-padded to 7 digits) and ``file_name``
+    columns (the evaluation sets: coco_10k, i2p, CoProv2, sage_seen/unseen). Without ``file_name`` images are named
+    ``<index:05d>.png``."""
+    path = Path(path)
+    if not path.is_file():
+        raise InferError(f"--prompts_csv file not found: {path}")
+    jobs = []
+    # newline="" because captions may contain newlines; utf-8-sig tolerates a byte-order mark.
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        if "caption" not in columns:
+            raise InferError(f"{path}: no 'caption' column (found columns: {', '.join(columns) or 'none'})")
+        for row in reader:
+            where = f"{path} line {reader.line_num}"
+            user = (row.get("user_id") or "").strip()
+            name = (row.get("file_name") or "").strip() or f"{len(jobs):05d}.png"
+            jobs.append(Job(
+                index=len(jobs), prompt=row["caption"] or "", where=where,
+                file_name=check_file_name(name, where), user=normalize_user_id(user, where) if user else None,
+            ))
+    return jobs
+
+
+def prompt_jobs(prompt: str, num_images: int) -> list[Job]:
+    """``num_images`` images of one prompt, named ``00000.png``, ``00001.png``, ..."""
+    return [Job(index=i, prompt=prompt, file_name=f"{i:05d}.png", user=None, where="--prompt")
+            for i in range(num_images)]
+
+
+def dedupe_file_names(jobs: list[Job]) -> int:
+    """Rename repeated file names ``x.jpg`` -> ``x_1.jpg`` (upstream debug.csv repeats one); returns how many."""
+    seen, renamed = set(), 0
+    for job in jobs:
+        if job.file_name in seen:
+            path = PurePosixPath(job.file_name)
+            k = 1
+            while str(path.with_name(f"{path.stem}_{k}{path.suffix}")) in seen:
+                k += 1
+            job.file_name = str(path.with_name(f"{path.stem}_{k}{path.suffix}"))
+            renamed += 1
+        seen.add(job.file_name)
+    return renamed
+
+
+def parse_scale(text: str):
+    """``"0.5"`` -> 0.5; ``'{"down": 1, "up_blocks.1": 0.5}'`` -> a per-block dict (see ``PSAAdapter.set_scale``)."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict) or not all(isinstance(v, (int, float)) for v in value.values()):
+        raise argparse.ArgumentTypeError(f"expected a number or a JSON object of block -> number, got {text!r}")
+    return {str(k): float(v) for k, v in value.items()}
+
+
+# ----------------------------------------------------------------------------------------------------- users
+def _users_module():
+    try:
+        from psa_adapter import users
+    except ImportError as err:
+        raise InferError(f"--level, --profile and --embeds_folder need psa_adapter.users, which failed to import: "
+                         f"{err}") from err
+    return users
+
+
+def _encoder_name(adapter) -> str:
+    encoder = adapter.config.encoder or {}
+    return encoder.get("name") or encoder.get("id") or "sentence"
+
+
+class UserEmbeddings:
+    """Resolves each job's user to a (E,) float32 vector: ``<User_ID>.npy`` from ``--embeds_folder``, or a level
+    preset / profile file embedded with the encoder named in the adapter's config. Never a zero vector."""
+
+    def __init__(self, embeds_folder: str | None):
+        self.vectors: dict[str, object] = {}
+        self.store = None
+        if embeds_folder:
+            path = Path(embeds_folder)
+            if not path.exists():
+                raise InferError(f"--embeds_folder not found: {path}")
+            users = _users_module()
+            try:
+                self.store = users.EmbeddingStore.open(path)
+            except (OSError, ValueError) as err:
+                raise InferError(f"cannot open the embedding store {path}: {err}") from err
+
+    def _from_store(self, user_id: str, where: str):
+        users = _users_module()
+        if self.store is None:
+            raise InferError(f"{where}: user {user_id} needs an embedding: pass --embeds_folder (<User_ID>.npy files)")
+        try:
+            return self.store[user_id]
+        except users.MissingEmbeddingError as err:
+            raise InferError(f"{where}: {err}") from err
+        except (OSError, ValueError) as err:
+            raise InferError(f"{where}: cannot read the embedding of user {user_id}: {err}") from err
+
+    def load_ids(self, jobs: Sequence[Job]) -> None:
+        """Load every stored embedding the jobs need, failing on the first missing one (before any model loads)."""
+        for job in jobs:
+            if job.user and job.user.isdigit() and job.user not in self.vectors:
+                self.vectors[job.user] = self._from_store(job.user, job.where)
+
+    def load_presets(self, jobs: Sequence[Job], adapter) -> None:
+        """Embed ``L*`` levels and ``profile:`` users (levels come from the store when one is given)."""
+        encoder = None
+        for job in jobs:
+            key = job.user
+            if not key or key in self.vectors or key.isdigit():
+                continue
+            users = _users_module()
+            if key.startswith("profile:"):
+                try:
+                    profile = users.load_profile(key.removeprefix("profile:"))
+                except (OSError, ValueError, KeyError) as err:
+                    raise InferError(f"--profile {key.removeprefix('profile:')}: {err}") from err
+            else:
+                try:
+                    profile = users.load_level(key)
+                except (KeyError, ValueError) as err:
+                    raise InferError(f"--level {key}: {err}") from err
+                user_id = getattr(profile, "user_id", None) or getattr(profile, "User_ID", None)
+                if self.store is not None and user_id:
+                    self.vectors[key] = self._from_store(normalize_user_id(user_id, f"--level {key}"), job.where)
+                    continue
+            if encoder is None:
+                name = _encoder_name(adapter)
+                try:
+                    encoder = users.get_encoder(name)
+                except (KeyError, ValueError, OSError, ImportError) as err:
+                    raise InferError(
+                        f"cannot load the user encoder {name!r} named in the adapter config: {err}"
+                    ) from err
+            self.vectors[key] = encoder.encode([profile])[0]
+
+    def check_dim(self, expected: int, adapter_path: str) -> None:
+        """Every vector must be (E,) with the adapter's E; the message names the user."""
+        import numpy as np
+
+        for key, vector in self.vectors.items():
+            shape = tuple(np.shape(vector))
+            if shape != (expected,):
+                source = f" ({Path(self.store_path(key))})" if key.isdigit() and self.store is not None else ""
+                raise InferError(
+                    f"embedding of user {key}{source} has shape {shape}, but the adapter {adapter_path} expects "
+                    f"({expected},) (its embed_dim)"
+                )
+
+    def store_path(self, user_id: str) -> str:
+        root = getattr(self.store, "path", None) or getattr(self.store, "root", None) or ""
+        return str(Path(root) / f"{user_id}.npy") if root else f"{user_id}.npy"
+
+    def stack(self, jobs: Sequence[Job]):
+        """(B, E) float32 tensor of the jobs' users."""
+        import numpy as np
+        import torch
+
+        return torch.from_numpy(np.stack([np.asarray(self.vectors[j.user], dtype=np.float32) for j in jobs]))
+
+
+# -------------------------------------------------------------------------------------------------- manifest
+def _part_path(save_path: Path, rank: int) -> Path:
+    return save_path / f".{MANIFEST_NAME}.part{rank:03d}"
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """Entries of a manifest (part); a torn last line of a crashed run is skipped."""
+    entries = []
+    if not path.exists():
+        return entries
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return entries
+
+
+def merge_manifest(save_path: Path, jobs: Sequence[Job], settings_for) -> tuple[int, int]:
+    """Write ``manifest.jsonl`` from the old manifest and every process's part file, then remove the parts.
+
+    Images of this prompt list that already existed keep their old entry; one with no entry gets this run's
+    settings and ``"resumed": true``. Returns (entries written, resumed images whose recorded settings differ
+    from this run's).
+    """
+    from psa_adapter.utils import atomic_write_text
+
+    manifest = save_path / MANIFEST_NAME
+    entries = {e["file"]: e for e in _read_jsonl(manifest) if "file" in e and (save_path / e["file"]).exists()}
+    old = dict(entries)
+    parts = sorted(save_path.glob(f".{MANIFEST_NAME}.part*"))
+    generated = set()
+    for part in parts:
+        for entry in _read_jsonl(part):
+            if "file" in entry and (save_path / entry["file"]).exists():
+                entries[entry["file"]] = entry
+                generated.add(entry["file"])
+    differing = 0
+    for job in jobs:
+        if job.file_name in generated or not (save_path / job.file_name).exists():
+            continue
+        current = settings_for(job)
+        if job.file_name in old:
+            if any(old[job.file_name].get(k) != current.get(k) for k in _SETTING_KEYS):
+                differing += 1
+        else:
+            entries[job.file_name] = {**current, "resumed": True}
+    ordered = sorted(entries.values(), key=lambda e: (e.get("index", 0), e["file"]))
+    atomic_write_text(manifest, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in ordered))
+    for part in parts:
+        part.unlink()
+    return len(ordered), differing
+
+
+def save_image(image, path: Path) -> None:
+    """Write a PIL image atomically, in the format its extension names."""
+    from psa_adapter.utils import atomic_write
+
+    fmt = _image_formats()[path.suffix.lower()]
+    if fmt == "JPEG" and image.mode != "RGB":
+        image = image.convert("RGB")
+    atomic_write(path, lambda tmp: image.save(tmp, format=fmt))
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="infer.py",
+        description="Generate images with Stable Diffusion 1.5 / SDXL, optionally with a PSA adapter and a user. "
+        f"Image i of the prompt list uses seed --seed + i. Run under `accelerate launch` to shard prompts over "
+        f"processes; existing images are skipped; {MANIFEST_NAME} records every image.",
+    )
+    src = parser.add_argument_group("prompts (exactly one)").add_mutually_exclusive_group(required=True)
+    src.add_argument("--meta_data", help="SAGE metadata.jsonl: every record's caption, user_data.User_ID, file_name")
+    src.add_argument("--prompts_csv", help="CSV with a caption column and optional user_id and file_name columns")
+    src.add_argument("--prompt", help="one prompt (see --num_images)")
+    parser.add_argument("--num_images", type=int, default=1, help="images of --prompt, seeds --seed + 0, 1, ...")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+
+    usr = parser.add_argument_group("user (overrides any user column for every prompt)").add_mutually_exclusive_group()
+    usr.add_argument("--user_id", help="a User_ID whose <User_ID>.npy is in --embeds_folder (33 or 0000033)")
+    usr.add_argument("--level", help="strictness preset L0 (bans nothing) .. L5 (bans all seven categories)")
+    usr.add_argument("--profile", help="a user profile file, embedded with the adapter's encoder")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--sd_model", default="runwayml/stable-diffusion-v1-5",
+                       help="diffusers pipeline folder or hub id (SD1.5 or SDXL, detected from the UNet config)")
+    model.add_argument("--sdxl", action="store_true", help="accepted for compatibility; SDXL is detected anyway")
+    model.add_argument("--dtype", choices=("auto", "fp16", "bf16", "fp32"), default="auto",
+                       help="weights dtype; auto = fp16 on CUDA (the reference's), fp32 on CPU")
+
+    psa = parser.add_argument_group("PSA adapter")
+    psa.add_argument("--load_psa", action="store_true", help="generate with the adapter in --psa_path")
+    psa.add_argument("--psa_path", help="our adapter folder, or a reference psa_adapter.bin / .safetensors "
+                                        "(or a folder holding one); implies --load_psa")
+    psa.add_argument("--embeds_folder", help="user embeddings: a folder of <User_ID>.npy or an embedding store")
+    psa.add_argument("--psa_scale", type=parse_scale, default=1.0,
+                     help='adapter scale: a number, or JSON per block, e.g. \'{"down": 1, "up": 0.5}\'')
+    psa.add_argument("--num_tokens", type=int, default=None,
+                     help="expected user tokens K; checked against the adapter (default: the adapter's own)")
+    psa.add_argument("--llm_model", help="accepted for compatibility; on-line LLM embedding is not supported: "
+                                         "precompute embeddings and pass --embeds_folder")
+
+    gen = parser.add_argument_group("generation")
+    gen.add_argument("--save_path", required=True, help="output folder for images and manifest.jsonl")
+    gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (reference 7.5)")
+    gen.add_argument("--steps", type=int, default=50, help="denoising steps (reference 50)")
+    gen.add_argument("--seed", type=int, default=DEFAULT_SEED, help="base seed; image i uses seed + i (ref. 2025)")
+    gen.add_argument("--batch_size", type=int, default=1, help="images per forward pass (does not change images)")
+    gen.add_argument("--negative_prompt", default=None,
+                     help="one negative prompt for every image and every method (default none); recorded")
+    gen.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
+    gen.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
+    return parser
+
+
+def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.psa_path:
+        args.load_psa = True
+    if args.load_psa and not args.psa_path:
+        parser.error("--load_psa needs --psa_path")
+    for name in ("num_images", "batch_size", "steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    if args.limit is not None and args.limit < 0:
+        parser.error("--limit must be >= 0")
+    if args.num_images != 1 and not args.prompt:
+        parser.error("--num_images applies to --prompt only")
+    if args.llm_model and args.load_psa and not args.embeds_folder and not (args.level or args.profile):
+        parser.error("--llm_model (on-line LLM embeddings) is not supported: precompute the user embeddings and "
+                     "pass --embeds_folder")
+    if args.level:
+        args.level = args.level.upper()
+
+
+def load_jobs(args: argparse.Namespace) -> list[Job]:
+    """The prompt list of the command line, after the user override and ``--limit``."""
+    if args.meta_data:
+        jobs = read_sage_jobs(args.meta_data)
+    elif args.prompts_csv:
+        jobs = read_csv_jobs(args.prompts_csv)
+    else:
+        jobs = prompt_jobs(args.prompt, args.num_images)
+    if args.limit is not None:
+        jobs = jobs[: args.limit]
+    override = None
+    if args.user_id:
+        override = normalize_user_id(args.user_id, "--user_id")
+    elif args.level:
+        override = args.level
+    elif args.profile:
+        if not Path(args.profile).is_file():
+            raise InferError(f"--profile file not found: {args.profile}")
+        override = f"profile:{args.profile}"
+    if override:
+        for job in jobs:
+            job.user = override
+    return jobs
+
+
+def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Generate the images of ``args`` (parsed by ``build_parser``); returns counts for this process."""
+    # Inputs are checked before the heavy imports and the model load, so bad input fails in seconds.
+    save_path = Path(args.save_path)
+    jobs = load_jobs(args)
+    renamed = dedupe_file_names(jobs)
+    users = None
+    if args.load_psa:
+        missing = [j for j in jobs if not j.user]
+        if missing:
+            raise InferError(f"{missing[0].where}: prompt has no user; give --user_id, --level or --profile, or a "
+                             "user_id column")
+        users = UserEmbeddings(args.embeds_folder)
+        users.load_ids(jobs)  # every stored embedding exists, before the slow model load
+
+    import torch
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    from psa_adapter.pipeline import ModelLoadError, default_dtype, generate, load_pipeline
+
+    state = PartialState()
+    rank, world = state.process_index, state.num_processes
+    if renamed and state.is_main_process:
+        print(f"note: {renamed} repeated file names got a _<k> suffix", file=sys.stderr)
+    if not args.load_psa and state.is_main_process and any(j.user for j in jobs):
+        print("note: no adapter (--load_psa): users are recorded in the manifest but not used", file=sys.stderr)
+
+    def settings_for(job: Job) -> dict:
+        return {
+            "file": job.file_name, "index": job.index, "prompt": job.prompt, "user": job.user,
+            "seed": args.seed + job.index, "psa_scale": args.psa_scale if args.load_psa else None,
+            "guidance": args.guidance, "steps": args.steps, "model": args.sd_model,
+            "adapter": args.psa_path if args.load_psa else None, "negative_prompt": args.negative_prompt,
+        }
+
+    my_jobs = jobs[rank::world]
+    todo = [j for j in my_jobs if not (save_path / j.file_name).exists()]
+    save_path.mkdir(parents=True, exist_ok=True)
+    if state.is_main_process:
+        import yaml
+
+        from psa_adapter.utils import atomic_write_text
+
+        atomic_write_text(save_path / CONFIG_NAME, yaml.safe_dump({**vars(args), "num_processes": world}))
+
+    if todo:
+        dtype = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+        try:
+            pipe = load_pipeline(args.sd_model, state.device, dtype or default_dtype(state.device))
+        except ModelLoadError as err:
+            raise InferError(str(err)) from err
+        from psa_adapter.adapter import is_sdxl_unet
+
+        if args.sdxl and not is_sdxl_unet(pipe.unet) and state.is_main_process:
+            print(f"note: --sdxl given but {args.sd_model} is not an SDXL model; generating with its own pipeline",
+                  file=sys.stderr)
+        adapter = None
+        if args.load_psa:
+            adapter = _load_adapter(args, pipe.unet)
+            users.load_presets(jobs, adapter)
+            users.check_dim(adapter.config.embed_dim, args.psa_path)
+            adapter.to(state.device).eval()
+            adapter.attach(pipe.unet)
+            adapter.set_scale(args.psa_scale)
+
+        bar = tqdm(total=len(my_jobs), initial=len(my_jobs) - len(todo), unit="img", disable=not state.is_main_process,
+                   desc=f"generating (process 0 of {world})" if world > 1 else "generating")
+        with _part_path(save_path, rank).open("a", encoding="utf-8") as part:
+            for batch in _batches(todo, args.batch_size):
+                images = generate(
+                    pipe, [j.prompt for j in batch], [args.seed + j.index for j in batch],
+                    adapter=adapter, user_embeds=users.stack(batch) if adapter is not None else None,
+                    negative_prompt=args.negative_prompt, guidance_scale=args.guidance,
+                    num_inference_steps=args.steps, height=args.height, width=args.width,
+                )
+                for job, image in zip(batch, images):
+                    save_image(image, save_path / job.file_name)
+                    entry = {**settings_for(job), "width": image.width, "height": image.height}
+                    part.write(json.dumps(entry, ensure_ascii=False) + "\n")
+                    part.flush()  # a crash keeps the entries of every image already written
+                bar.update(len(batch))
+        bar.close()
+
+    state.wait_for_everyone()
+    counts = {"generated": len(todo), "skipped": len(my_jobs) - len(todo), "total": len(jobs)}
+    if state.is_main_process:
+        written, differing = merge_manifest(save_path, jobs, settings_for)
+        if differing:
+            print(f"warning: {differing} existing images were made with other settings than this run's (see "
+                  f"{MANIFEST_NAME}); delete them to regenerate", file=sys.stderr)
+        present = sum((save_path / j.file_name).exists() for j in jobs)
+        print(f"done: {present}/{len(jobs)} images in {save_path} (this process generated {counts['generated']}, "
+              f"skipped {counts['skipped']} existing); manifest: {save_path / MANIFEST_NAME} ({written} entries)",
+              file=sys.stderr)
+    return counts
+
+
+def _load_adapter(args: argparse.Namespace, unet):
+    from psa_adapter.adapter import AdapterMismatchError, PSAAdapter
+
+    path = args.psa_path
+    try:
+        adapter = PSAAdapter.from_pretrained(path, unet=unet)
+    except (AdapterMismatchError, FileNotFoundError, OSError, ValueError, KeyError) as err:
+        message = str(err)
+        raise InferError(message if str(path) in message else f"PSA adapter {path}: {message}") from err
+    if args.num_tokens is not None and args.num_tokens != adapter.config.num_tokens:
+        raise InferError(f"--num_tokens {args.num_tokens} but the adapter {path} has "
+                         f"{adapter.config.num_tokens} user tokens")
+    return adapter
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``infer.py``: exit status 0, or 1 with one message on bad input (2 for bad flags)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _validate(parser, args)
+    try:
+        run(args)
+    except InferError as err:
+        print(f"infer.py: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+__all__ = [
+    "DEFAULT_SEED",
+    "InferError",
+    "Job",
+    "UserEmbeddings",
+    "build_parser",
+    "load_jobs",
+    "main",
+    "merge_manifest",
+    "normalize_user_id",
+    "read_csv_jobs",
+    "read_sage_jobs",
+    "run",
+]
