@@ -170,27 +170,52 @@ def _users_module():
     return users
 
 
-def _encoder_name(adapter) -> str:
-    encoder = adapter.config.encoder or {}
-    return encoder.get("name") or encoder.get("id") or "sentence"
+def _encoder_for(adapter, adapter_path: str):
+    """The user encoder the adapter was trained with, from the ``encoder`` entry of its config (the embedding
+    store's metadata at training time); no entry means the offline default, "sentence" (all-MiniLM-L6-v2)."""
+    users = _users_module()
+    info = adapter.config.encoder or {}
+    encoder_id = str(info.get("encoder_id") or info.get("id") or "")
+    name = info.get("name")
+    if name is None:
+        if not encoder_id or "all-MiniLM-L6-v2" in encoder_id:
+            name = "sentence"
+        elif encoder_id.startswith("unknown"):
+            raise InferError(
+                f"the adapter {adapter_path} was trained on imported embeddings of unknown origin ({encoder_id!r}), "
+                "so a profile cannot be embedded for it: pass --embeds_folder with the user's <User_ID>.npy"
+            )
+        else:
+            name = "llm"
+    kwargs = {}
+    if name == "llm":
+        model, _, gguf_file = encoder_id.partition("::")
+        kwargs = {"model": model, "gguf_file": gguf_file or None}
+    try:
+        encoder = users.get_encoder(name, **kwargs)
+    except (ValueError, OSError, ImportError) as err:
+        raise InferError(f"cannot load the user encoder {name!r} ({encoder_id or 'default'}) that the adapter "
+                         f"{adapter_path} was trained with: {err}") from err
+    expected_hash = info.get("template_hash")
+    if expected_hash and encoder.info.get("template_hash") != expected_hash:
+        print(f"warning: the adapter {adapter_path} was trained with another statement template "
+              f"(hash {expected_hash}) than the encoder's ({encoder.info.get('template_hash')})", file=sys.stderr)
+    return encoder
 
 
 class UserEmbeddings:
-    """Resolves each job's user to a (E,) float32 vector: ``<User_ID>.npy`` from ``--embeds_folder``, or a level
-    preset / profile file embedded with the encoder named in the adapter's config. Never a zero vector."""
+    """Each job's user as a (E,) float32 vector: ``<User_ID>.npy`` (or a store) from ``--embeds_folder``, or a level
+    preset / profile file embedded with the adapter's encoder. A missing user is an error, never a zero vector."""
 
     def __init__(self, embeds_folder: str | None):
         self.vectors: dict[str, object] = {}
         self.store = None
         if embeds_folder:
-            path = Path(embeds_folder)
-            if not path.exists():
-                raise InferError(f"--embeds_folder not found: {path}")
             users = _users_module()
             try:
-                self.store = users.EmbeddingStore.open(path)
+                self.store = users.EmbeddingStore.open(embeds_folder)
             except (OSError, ValueError) as err:
-                raise InferError(f"cannot open the embedding store {path}: {err}") from err
+                raise InferError(f"--embeds_folder {embeds_folder}: {err}") from err
 
     def _from_store(self, user_id: str, where: str):
         users = _users_module()
@@ -200,63 +225,57 @@ class UserEmbeddings:
             return self.store[user_id]
         except users.MissingEmbeddingError as err:
             raise InferError(f"{where}: {err}") from err
-        except (OSError, ValueError) as err:
-            raise InferError(f"{where}: cannot read the embedding of user {user_id}: {err}") from err
 
     def load_ids(self, jobs: Sequence[Job]) -> None:
-        """Load every stored embedding the jobs need, failing on the first missing one (before any model loads)."""
+        """Fetch every stored embedding the jobs need, failing on the first missing one (before any model loads)."""
         for job in jobs:
             if job.user and job.user.isdigit() and job.user not in self.vectors:
                 self.vectors[job.user] = self._from_store(job.user, job.where)
 
-    def load_presets(self, jobs: Sequence[Job], adapter) -> None:
-        """Embed ``L*`` levels and ``profile:`` users (levels come from the store when one is given)."""
-        encoder = None
-        for job in jobs:
-            key = job.user
-            if not key or key in self.vectors or key.isdigit():
-                continue
-            users = _users_module()
+    def load_presets(self, jobs: Sequence[Job], adapter, adapter_path: str) -> None:
+        """Embed ``L*`` levels and ``profile:`` users. A level is a fixed user: with ``--embeds_folder`` its stored
+        embedding is used, otherwise its profile is embedded with the adapter's encoder."""
+        keys = dict.fromkeys(j.user for j in jobs if j.user and not j.user.isdigit() and j.user not in self.vectors)
+        if not keys:
+            return
+        users = _users_module()
+        profiles = {}
+        for key in keys:
             if key.startswith("profile:"):
+                path = key.removeprefix("profile:")
                 try:
-                    profile = users.load_profile(key.removeprefix("profile:"))
+                    profiles[key] = users.load_profile(path)
                 except (OSError, ValueError, KeyError) as err:
-                    raise InferError(f"--profile {key.removeprefix('profile:')}: {err}") from err
+                    raise InferError(f"--profile {path}: {err}") from err
+                continue
+            try:
+                profile = users.load_level(key)
+            except (OSError, ValueError, KeyError) as err:
+                raise InferError(f"--level {key}: {err}") from err
+            if self.store is not None:
+                self.vectors[key] = self._from_store(profile.user_id, f"--level {key}")
             else:
-                try:
-                    profile = users.load_level(key)
-                except (KeyError, ValueError) as err:
-                    raise InferError(f"--level {key}: {err}") from err
-                user_id = getattr(profile, "user_id", None) or getattr(profile, "User_ID", None)
-                if self.store is not None and user_id:
-                    self.vectors[key] = self._from_store(normalize_user_id(user_id, f"--level {key}"), job.where)
-                    continue
-            if encoder is None:
-                name = _encoder_name(adapter)
-                try:
-                    encoder = users.get_encoder(name)
-                except (KeyError, ValueError, OSError, ImportError) as err:
-                    raise InferError(
-                        f"cannot load the user encoder {name!r} named in the adapter config: {err}"
-                    ) from err
-            self.vectors[key] = encoder.encode([profile])[0]
+                profiles[key] = profile
+        if profiles:
+            encoder = _encoder_for(adapter, adapter_path)
+            try:
+                vectors = encoder.encode(list(profiles.values()))
+            except ValueError as err:  # e.g. a profile without a banned list
+                raise InferError(f"cannot embed {', '.join(profiles)}: {err}") from err
+            self.vectors.update(zip(profiles, vectors))
 
     def check_dim(self, expected: int, adapter_path: str) -> None:
-        """Every vector must be (E,) with the adapter's E; the message names the user."""
-        import numpy as np
-
+        """Every vector must be (E,) with the adapter's E; the message names the store or the user."""
+        users = _users_module()
+        if self.store is not None:
+            try:
+                self.store.check_dim(expected, f"the adapter {adapter_path}")
+            except users.EmbeddingDimensionError as err:
+                raise InferError(str(err)) from err
         for key, vector in self.vectors.items():
-            shape = tuple(np.shape(vector))
-            if shape != (expected,):
-                source = f" ({Path(self.store_path(key))})" if key.isdigit() and self.store is not None else ""
-                raise InferError(
-                    f"embedding of user {key}{source} has shape {shape}, but the adapter {adapter_path} expects "
-                    f"({expected},) (its embed_dim)"
-                )
-
-    def store_path(self, user_id: str) -> str:
-        root = getattr(self.store, "path", None) or getattr(self.store, "root", None) or ""
-        return str(Path(root) / f"{user_id}.npy") if root else f"{user_id}.npy"
+            if tuple(vector.shape) != (expected,):
+                raise InferError(f"the embedding of user {key} has shape {tuple(vector.shape)}, but the adapter "
+                                 f"{adapter_path} expects ({expected},)")
 
     def stack(self, jobs: Sequence[Job]):
         """(B, E) float32 tensor of the jobs' users."""
@@ -452,7 +471,8 @@ def run(args: argparse.Namespace) -> dict:
 
     from psa_adapter.pipeline import ModelLoadError, default_dtype, generate, load_pipeline
 
-    state = PartialState()
+    # cpu=True lets several CPU processes (torchrun, or `accelerate launch --multi_gpu` without GPUs) shard too.
+    state = PartialState(cpu=not torch.cuda.is_available())
     rank, world = state.process_index, state.num_processes
     if renamed and state.is_main_process:
         print(f"note: {renamed} repeated file names got a _<k> suffix", file=sys.stderr)
@@ -491,7 +511,7 @@ def run(args: argparse.Namespace) -> dict:
         adapter = None
         if args.load_psa:
             adapter = _load_adapter(args, pipe.unet)
-            users.load_presets(jobs, adapter)
+            users.load_presets(jobs, adapter, args.psa_path)
             users.check_dim(adapter.config.embed_dim, args.psa_path)
             adapter.to(state.device).eval()
             adapter.attach(pipe.unet)
