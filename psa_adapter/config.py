@@ -20,7 +20,12 @@ from psa_adapter.utils import atomic_write_text
 
 MODES = ("personalised", "non_personalised")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+EMBED_NORMS = ("none", "standardize")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+class ConfigError(ValueError):
+    """A config value, file or flag is invalid; the message names the field (and file)."""
 
 
 def _help(text: str, **kwargs) -> dict:
@@ -59,6 +64,11 @@ class TrainConfig:
     )
     num_tokens_user: int = field(default=1, **_help("K, user tokens per user (reference: 1)."))
     lora_rank: int = field(default=4, **_help("LoRA rank in non_personalised mode (SafetyDPO upstream: 4)."))
+    embed_norm: str = field(
+        default="none",
+        **_help("Adapter variant. 'none' = the reference. 'standardize' = standardise user embeddings with the "
+                "training users' mean and std before the projection (a named variant, saved in the adapter)."),
+    )
 
     # ------------------------------------------------------------------------------------------------ loss
     beta_dpo: float = field(
@@ -156,6 +166,8 @@ class TrainConfig:
             problems.append(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.mode == "personalised" and not self.embeds_folder:
             problems.append("embeds_folder is required in personalised mode")
+        if self.embed_norm not in EMBED_NORMS:
+            problems.append(f"embed_norm must be one of {EMBED_NORMS}, got {self.embed_norm!r}")
         if self.mixed_precision not in MIXED_PRECISION:
             problems.append(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
         if self.lr_scheduler not in LR_SCHEDULERS:
@@ -184,7 +196,7 @@ class TrainConfig:
         if self.resolution < 8 or self.resolution % 8:
             problems.append(f"resolution must be a positive multiple of 8, got {self.resolution}")
         if problems:
-            raise ValueError("invalid training config: " + "; ".join(problems))
+            raise ConfigError("invalid training config: " + "; ".join(problems))
 
     # --------------------------------------------------------------------------------------------- file I/O
     def to_dict(self) -> dict:
@@ -205,13 +217,13 @@ def load_yaml_config(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as err:
-        raise ValueError(f"cannot read config {path}: {err}") from err
+        raise ConfigError(f"cannot read config {path}: {err}") from err
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of config fields, found {type(data).__name__}")
+        raise ConfigError(f"{path}: expected a mapping of config fields, found {type(data).__name__}")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"{path}: unknown config keys {unknown} (see `train.py --help` for the fields)")
+        raise ConfigError(f"{path}: unknown config keys {unknown} (see `train.py --help` for the fields)")
     return {key: _coerce(key, value, path) for key, value in data.items()}
 
 
@@ -230,18 +242,18 @@ def _coerce(name: str, value, source) -> object:
     if value is None:
         if optional:
             return None
-        raise ValueError(f"{source}: {name} may not be null")
+        raise ConfigError(f"{source}: {name} may not be null")
     if hint is float and isinstance(value, (str, int)) and not isinstance(value, bool):
         try:
             return float(value)
         except ValueError as err:
-            raise ValueError(f"{source}: {name} must be a number, got {value!r}") from err
+            raise ConfigError(f"{source}: {name} must be a number, got {value!r}") from err
     if typing.get_origin(hint) is list:
         if not isinstance(value, list):
-            raise ValueError(f"{source}: {name} must be a list, got {value!r}")
+            raise ConfigError(f"{source}: {name} must be a list, got {value!r}")
         return [str(v) for v in value]
     if hint in (int, bool, str) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
-        raise ValueError(f"{source}: {name} must be {hint.__name__}, got {value!r}")
+        raise ConfigError(f"{source}: {name} must be {hint.__name__}, got {value!r}")
     return value
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from psa_adapter.data.embeddings import MissingEmbeddingError
@@ -98,7 +99,7 @@ class SageDataset(torch.utils.data.Dataset):
             except KeyError as err:
                 raise MissingEmbeddingError(f"{self._where(record)}: user {uid} has no embedding in the store "
                                             f"({err})") from err
-            self.user_embeds[uid] = torch.as_tensor(vector, dtype=torch.float32).reshape(-1)
+            self.user_embeds[uid] = torch.tensor(np.asarray(vector), dtype=torch.float32).reshape(-1)
         dims = {v.shape[0] for v in self.user_embeds.values()}
         if len(dims) != 1:
             raise ValueError(f"user embeddings have different lengths {sorted(dims)}")

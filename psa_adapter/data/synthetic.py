@@ -96,3 +96,29 @@ def write_npy_embeddings(folder: str | Path, user_ids, dim: int = 16, seed: int 
     for uid in user_ids:
         np.save(folder / f"{uid}.npy", rng.standard_normal(dim).astype(np.float32))
     return folder
+
+
+def write_tiny_workspace(out: str | Path, users: int = 4, embed_dim: int = 16) -> Path:
+    """Everything ``configs/tiny.yaml`` needs under ``out``: tiny SD1.5- and SDXL-style pipelines (random weights),
+    a SAGE-format ``sage/train`` split, and ``embeddings/<User_ID>.npy``."""
+    from psa_adapter.testing import save_tiny_pipeline
+
+    out = Path(out)
+    banned = {f"{i:07d}": (["Violence"] if i % 2 else []) for i in range(1, users + 1)}
+    write_tiny_sage(out / "sage", "train", banned)
+    write_npy_embeddings(out / "embeddings", banned, dim=embed_dim)
+    for kind in ("sd15", "sdxl"):
+        if not (out / kind / "model_index.json").is_file():
+            save_tiny_pipeline(kind, out / kind)
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m psa_adapter.data.synthetic",
+                                     description="Write tiny models and a tiny SAGE split for smoke runs.")
+    parser.add_argument("--out", default="outputs/tiny", help="Folder to write into.")
+    parser.add_argument("--users", type=int, default=4, help="Number of synthetic users.")
+    args = parser.parse_args()
+    print(f"wrote {write_tiny_workspace(args.out, args.users)}")

@@ -1,0 +1,631 @@
+"""Personalised Diffusion-DPO training (SPEC section 5) with accelerate: one CPU, one GPU or many.
+
+Read top to bottom: models -> data -> what trains (a "branch") -> optimiser -> loop -> saving. Fixes of the
+reference's training bugs (SPEC section 9) are marked "bug N".
+
+* The reference model is the same UNet with the trainable branch switched off (adapter at scale 0, or LoRA
+  disabled), never a second copy.
+* One ``accelerator.accumulate`` context over one module that holds every trainable weight (bug 1).
+* Trainable weights in fp32; frozen models in the mixed-precision dtype; forward passes under autocast (bug 2).
+* Each sample's flips, caption dropout (once; bug 5), noise and timestep come from generators seeded by
+  (seed, epoch, index): results do not depend on the number of processes.
+* Exceptions are never swallowed; a non-finite loss stops the run naming the step and the last good checkpoint
+  (bug 6); ``--resume_from_checkpoint`` really resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from psa_adapter.adapter import AdapterMismatchError, PSAAdapter, PSAAdapterConfig, is_sdxl_unet
+from psa_adapter.conditioning import TextConditioner, added_cond_kwargs
+from psa_adapter.config import ConfigError, TrainConfig
+from psa_adapter.data.cache import build_conditioning_cache, vae_moments
+from psa_adapter.data.dataset import SageDataset
+from psa_adapter.data.embeddings import MissingEmbeddingError, open_embedding_store
+from psa_adapter.data.sampling import ShardedBatchSampler
+from psa_adapter.loss import dpo_loss
+from psa_adapter.utils import atomic_write, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+BRANCH_DIR = "trainable"  # inside a checkpoint: the branch's own weights (adapter or LoRA)
+STATE_NAME = "training_state.json"
+CONFIG_NAME = "resolved_config.yaml"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; nothing already saved is touched."""
+
+
+# --------------------------------------------------------------------------------------------- trainable branches
+class TrainableBranch(nn.Module):
+    """What DPO trains, behind one interface so that the loop does not care which method it is.
+
+    A branch adds trainable weights to a frozen UNet, can switch them off (the DPO reference) and saves them.
+    """
+
+    personalised: bool = True
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def policy_hidden_states(self, encoder_hidden_states: torch.Tensor, user_embeds: torch.Tensor | None):
+        """(N, S, D) text states (+ (N, E) user embeddings) -> the UNet's ``encoder_hidden_states``."""
+        return encoder_hidden_states
+
+    def reference(self):
+        """Context in which the UNet is exactly the frozen base model."""
+        raise NotImplementedError
+
+    def save_weights(self, directory: Path) -> None:
+        raise NotImplementedError
+
+    def load_weights(self, directory: Path) -> None:
+        raise NotImplementedError
+
+
+class PSABranch(TrainableBranch):
+    """The PSA adapter: user tokens appended to the text states, read by every cross-attention layer."""
+
+    personalised = True
+
+    def __init__(self, unet, adapter: PSAAdapter):
+        super().__init__()
+        self.adapter = adapter
+        adapter.attach(unet)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        # With K = 1 the adapter freezes to_k_user (it cannot get a gradient); DDP must not wait for it.
+        return self.adapter.trainable_parameters()
+
+    def policy_hidden_states(self, encoder_hidden_states, user_embeds):
+        tokens = self.adapter.user_tokens(user_embeds)
+        return self.adapter.extend_hidden_states(encoder_hidden_states, tokens)
+
+    def reference(self):
+        return self.adapter.scale_context(0.0)
+
+    def save_weights(self, directory: Path) -> None:
+        self.adapter.save_pretrained(directory)
+
+    def load_weights(self, directory: Path) -> None:
+        saved = PSAAdapterConfig.from_json_file(Path(directory) / "config.json")
+        current = self.adapter.config
+        fields = ("embed_dim", "num_tokens", "cross_attention_dim", "base_family", "embed_norm")
+        diffs = [f"{f}: checkpoint {getattr(saved, f)!r}, this run {getattr(current, f)!r}"
+                 for f in fields if getattr(saved, f) != getattr(current, f)]
+        if saved.layers != current.layers:
+            diffs.append("cross-attention layers differ (a different UNet architecture)")
+        if diffs:
+            raise AdapterMismatchError(f"cannot resume from {directory}: the adapter does not fit this model/data: "
+                                       + "; ".join(diffs))
+        from safetensors.torch import load_file
+
+        weights = Path(directory) / "psa_adapter.safetensors"
+        self.adapter.load_adapter_state_dict(load_file(str(weights)), source=str(weights))
+
+
+class LoRABranch(TrainableBranch):
+    """Non-personalised baseline (SafetyDPO-style): a LoRA on the UNet's attention projections, through peft.
+
+    The weights are saved in diffusers' LoRA format (``pytorch_lora_weights.safetensors``), so
+    ``pipe.load_lora_weights(folder)`` loads them.
+    """
+
+    personalised = False
+    TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+
+    def __init__(self, unet, rank: int = 4):
+        super().__init__()
+        try:
+            from peft import LoraConfig
+        except ImportError as err:
+            raise ImportError("mode non_personalised needs peft: pip install peft") from err
+        # Plain attribute: DPOModel already holds the UNet; the LoRA weights live inside it.
+        self.__dict__["unet"] = unet
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                    target_modules=list(self.TARGET_MODULES)))
+        for p in self.trainable_parameters():
+            p.data = p.data.float()  # bug 2: fp32 trainable weights, whatever the UNet's dtype
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def reference(self):
+        self.unet.disable_adapters()
+        try:
+            yield
+        finally:
+            self.unet.enable_adapters()
+
+    def _pipeline_class(self):
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline if is_sdxl_unet(self.unet) else StableDiffusionPipeline
+
+    def save_weights(self, directory: Path) -> None:
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
+        self._pipeline_class().save_lora_weights(str(directory), unet_lora_layers=state, safe_serialization=True)
+
+    def load_weights(self, directory: Path) -> None:
+        from diffusers.utils import convert_unet_state_dict_to_peft
+        from peft.utils import set_peft_model_state_dict
+
+        state, _ = self._pipeline_class().lora_state_dict(str(directory))
+        state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+        result = set_peft_model_state_dict(self.unet, convert_unet_state_dict_to_peft(state), adapter_name="default")
+        unexpected = getattr(result, "unexpected_keys", None)
+        expected = {k for k, p in self.unet.named_parameters() if p.requires_grad}
+        if unexpected or len(state) != len(expected):
+            raise AdapterMismatchError(f"cannot resume from {directory}: its LoRA has {len(state)} tensors "
+                                       f"({len(unexpected or [])} unexpected); this run's LoRA has {len(expected)}")
+
+
+class DPOModel(nn.Module):
+    """The frozen UNet plus a trainable branch; one forward gives policy and reference predictions.
+
+    Holding both in one module lets ``accelerator.prepare`` wrap every trainable weight in one DDP module and one
+    autocast region, and lets ``accelerator.accumulate`` cover all of them.
+    """
+
+    def __init__(self, unet, branch: TrainableBranch):
+        super().__init__()
+        self.unet = unet
+        self.branch = branch
+
+    def forward(self, noisy_latents, timesteps, encoder_hidden_states, user_embeds=None, added_cond_kwargs=None):
+        """(N, C, h, w) latents, (N,) timesteps, (N, S, D) text states, (N, E) user embeddings ->
+        (policy prediction, reference prediction), each (N, C, h, w). N = 2B: chosen images then rejected."""
+        hidden = self.branch.policy_hidden_states(encoder_hidden_states, user_embeds)
+        # Reference first, without a graph, so its activations are freed before the policy pass builds one.
+        with torch.no_grad(), self.branch.reference():
+            ref_pred = self.unet(noisy_latents, timesteps, hidden.detach(),
+                                 added_cond_kwargs=added_cond_kwargs).sample
+        policy_pred = self.unet(noisy_latents, timesteps, hidden, added_cond_kwargs=added_cond_kwargs).sample
+        return policy_pred, ref_pred
+
+
+def build_branch(config: TrainConfig, unet, embed_dim: int | None, user_embeds: torch.Tensor | None,
+                 encoder: dict | None) -> TrainableBranch:
+    """The trainable part for ``config.mode``: the PSA adapter (personalised) or a LoRA (non-personalised)."""
+    if config.mode == "non_personalised":
+        return LoRABranch(unet, rank=config.lora_rank)
+    adapter = PSAAdapter.for_unet(unet, embed_dim=embed_dim, num_tokens=config.num_tokens_user, encoder=encoder,
+                                  embed_norm=config.embed_norm)
+    if config.embed_norm == "standardize":
+        adapter.fit_embedding_norm(user_embeds)
+    return PSABranch(unet, adapter)
+
+
+# ------------------------------------------------------------------------------------------------- model loading
+@dataclass
+class Models:
+    pipe: object  # the diffusers pipeline (for validation images); shares the modules below
+    unet: nn.Module
+    vae: nn.Module
+    conditioner: TextConditioner
+    noise_scheduler: object
+    sdxl: bool
+
+
+def load_models(config: TrainConfig, device: torch.device, weight_dtype: torch.dtype) -> Models:
+    """Load the frozen SD1.5/SDXL components; the family is read from the UNet config."""
+    from diffusers import DDPMScheduler
+
+    from psa_adapter.pipeline import load_pipeline
+
+    pipe = load_pipeline(config.sd_model, device="cpu", torch_dtype=weight_dtype)
+    unet = pipe.unet
+    sdxl = is_sdxl_unet(unet)
+    if config.sdxl is not None and config.sdxl != sdxl:
+        raise ConfigError(f"--sdxl {config.sdxl} contradicts the model: {config.sd_model} has an "
+                         f"{'SDXL' if sdxl else 'SD1.5'}-style UNet (addition_embed_type="
+                         f"{unet.config.addition_embed_type!r})")
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    if noise_scheduler.config.prediction_type != "epsilon":
+        raise ConfigError(f"{config.sd_model}: prediction_type {noise_scheduler.config.prediction_type!r} is not "
+                         "supported; the DPO loss here regresses the noise (SD1.5 and SDXL use 'epsilon')")
+    # fp16 SDXL VAEs overflow; keep the VAE in fp32 then (bf16 is safe).
+    if weight_dtype == torch.float16:
+        pipe.vae.to(torch.float32)
+    for module in (unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+        if module is not None:
+            module.requires_grad_(False)
+            module.eval()
+    pipe.to(device)
+    conditioner = TextConditioner.from_pipeline_components(
+        unet, pipe.tokenizer, pipe.text_encoder, getattr(pipe, "tokenizer_2", None),
+        getattr(pipe, "text_encoder_2", None),
+    )
+    return Models(pipe, unet, pipe.vae, conditioner, noise_scheduler, sdxl)
+
+
+# ------------------------------------------------------------------------------------------------ one batch
+def diffusion_inputs(batch: dict, models: Models, resolution: int, device: torch.device):
+    """Encode a collated batch and noise it. Returns (noisy (2B,C,h,w), timesteps (2B,), target (B,C,h,w),
+    encoder_hidden_states (2B,S,D), user_embeds (2B,E) or None, added_cond_kwargs or None).
+
+    One noise and one timestep per pair, shared by both images; every draw comes from the pair's own generator.
+    """
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    if "moments_w" in batch:
+        moments = torch.cat([batch["moments_w"], batch["moments_l"]]).to(device)
+        hidden = batch["encoder_hidden_states"].to(device)
+        pooled = batch.get("pooled_text_embeds")
+        pooled = pooled.to(device) if pooled is not None else None
+    else:
+        moments = vae_moments(models.vae, torch.cat([batch["pixel_values_w"], batch["pixel_values_l"]]))
+        text = models.conditioner.encode(list(batch["caption"]))
+        hidden, pooled = text.encoder_hidden_states, text.pooled_text_embeds
+    b = hidden.shape[0]
+    latent_shape = moments.shape[1:]
+    latent_shape = (latent_shape[0] // 2, *latent_shape[1:])
+    num_timesteps = models.noise_scheduler.config.num_train_timesteps
+    timesteps, noise, z_w, z_l = [], [], [], []
+    for seed in batch["noise_seed"].tolist():
+        generator = torch.Generator().manual_seed(int(seed))
+        timesteps.append(torch.randint(0, num_timesteps, (1,), generator=generator))
+        noise.append(torch.randn(latent_shape, generator=generator))
+        z_w.append(torch.randn(latent_shape, generator=generator))
+        z_l.append(torch.randn(latent_shape, generator=generator))
+    timesteps = torch.cat(timesteps).to(device)
+    noise = torch.stack(noise).to(device)
+    posterior = DiagonalGaussianDistribution(moments.float())
+    latents = posterior.mean + posterior.std * torch.cat([torch.stack(z_w), torch.stack(z_l)]).to(device)
+    vae_config = models.vae.config
+    if getattr(vae_config, "shift_factor", None) is not None:
+        latents = latents - vae_config.shift_factor
+    latents = latents * vae_config.scaling_factor
+    timesteps2 = torch.cat([timesteps, timesteps])
+    noisy = models.noise_scheduler.add_noise(latents, torch.cat([noise, noise]), timesteps2)
+    user_embeds = batch.get("user_embeds")
+    user_embeds = torch.cat([user_embeds, user_embeds]).to(device) if user_embeds is not None else None
+    added = added_cond_kwargs(torch.cat([pooled, pooled]) if pooled is not None else None, resolution)
+    assert noisy.shape[0] == 2 * b
+    return noisy, timesteps2, noise, torch.cat([hidden, hidden]), user_embeds, added
+
+
+# ------------------------------------------------------------------------------------------------- checkpoints
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """``checkpoint-<step>`` folders in ``output_dir``, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(output_dir: Path, value: str | None) -> Path | None:
+    """``latest`` -> the newest checkpoint (None if there is none); a path -> that checkpoint (must exist)."""
+    if not value:
+        return None
+    if value == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1] if checkpoints else None
+    path = Path(value)
+    if not path.is_absolute() and not path.exists():
+        path = output_dir / value
+    if not (path / STATE_NAME).is_file():
+        raise FileNotFoundError(f"--resume_from_checkpoint {value}: {path} is not a checkpoint (no {STATE_NAME})")
+    return path
+
+
+def _flat_hparams(config: TrainConfig) -> dict:
+    # TensorBoard's hparams accept scalars only.
+    return {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))}
+
+
+# --------------------------------------------------------------------------------------------------- training
+def train(config: TrainConfig) -> Path | None:
+    """Run one training job; returns the output folder holding the final adapter (None if stopped early)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    output_dir = Path(config.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        log_with=None if config.report_to == "none" else config.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        config.save_yaml(output_dir / CONFIG_NAME)
+    set_seed(config.seed)  # same adapter initialisation on every process and every run (bug 6: no default seed)
+    if config.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
+    device = accelerator.device
+
+    # ---- models and data
+    models = load_models(config, device, weight_dtype)
+    store = open_embedding_store(config.embeds_folder) if config.mode == "personalised" else None
+    dataset = SageDataset(
+        config.train_data_dir, config.train_split, embeddings=store, resolution=config.resolution,
+        random_flip=config.random_flip, proportion_empty_prompts=config.proportion_empty_prompts, seed=config.seed,
+        non_personalised=config.mode == "non_personalised", max_samples=config.max_train_samples,
+    )
+    validation = ValidationSetup.create(config, dataset, store) if config.validation_steps else None
+    if config.cache_conditioning:
+        cache_root = Path(config.cache_dir) if config.cache_dir else output_dir / "cache"
+        dataset.cache = build_conditioning_cache(
+            cache_root, dataset, models.vae, models.conditioner, model=config.sd_model, dtype=weight_dtype,
+            process_index=accelerator.process_index, num_processes=accelerator.num_processes,
+            barrier=accelerator.wait_for_everyone, show_progress=accelerator.is_local_main_process,
+        )
+
+    # ---- what trains
+    user_matrix = torch.stack(list(dataset.user_embeds.values())) if dataset.user_embeds else None
+    encoder = getattr(store, "metadata", None) if store is not None else None
+    branch = build_branch(config, models.unet, getattr(dataset, "embed_dim", None), user_matrix,
+                          encoder if isinstance(encoder, dict) else None)
+    branch.to(device)
+    if config.gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
+    params = branch.trainable_parameters()
+    if any(p.dtype != torch.float32 for p in params):
+        raise RuntimeError("trainable weights must be fp32 (bug 2: bf16 master weights round updates away)")
+    model = DPOModel(models.unet, branch)
+
+    # ---- optimiser and schedule
+    if config.use_adafactor:
+        from transformers.optimization import Adafactor
+
+        optimizer = Adafactor(params, lr=config.learning_rate, weight_decay=config.adam_weight_decay,
+                              clip_threshold=1.0, relative_step=False, scale_parameter=False, warmup_init=False)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                                      weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    # Not passed to prepare(): a prepared scheduler steps once per process, so warm-up would depend on the count.
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                                 num_training_steps=config.max_train_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(lr_scheduler)
+
+    def save_hook(hook_models, weights, directory):
+        # Only the branch's weights go into a checkpoint, never the frozen UNet.
+        if accelerator.is_main_process:
+            for m in hook_models:
+                accelerator.unwrap_model(m).branch.save_weights(Path(directory) / BRANCH_DIR)
+        weights.clear()
+
+    def load_hook(hook_models, directory):
+        while hook_models:
+            accelerator.unwrap_model(hook_models.pop()).branch.load_weights(Path(directory) / BRANCH_DIR)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+    # ---- resume
+    global_step, last_checkpoint = 0, None
+    resume = resolve_resume(output_dir, config.resume_from_checkpoint)
+    if resume is not None:
+        state = json.loads((resume / STATE_NAME).read_text())
+        accelerator.print(f"resuming from {resume} (step {state['global_step']})")
+        accelerator.load_state(str(resume))
+        global_step, last_checkpoint = int(state["global_step"]), resume
+    elif config.resume_from_checkpoint:
+        accelerator.print(f"no checkpoint in {output_dir}; starting a new run")
+
+    sampler = ShardedBatchSampler(len(dataset), config.train_batch_size, accelerator.num_processes,
+                                  accelerator.process_index, seed=config.seed,
+                                  start_batch=global_step * config.gradient_accumulation_steps)
+    dataloader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
+                                             num_workers=config.dataloader_num_workers)
+    if accelerator.is_main_process and config.report_to != "none":
+        accelerator.init_trackers("psa_train", config=_flat_hparams(config))
+    global_batch = config.train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps
+    accelerator.print(
+        f"{len(dataset)} pairs, {sampler.batches_per_epoch} global micro-batches per epoch; "
+        f"{global_batch} pairs per optimizer step; {sum(p.numel() for p in params):,} trainable parameters"
+    )
+
+    def save_checkpoint(step: int) -> Path:
+        final = output_dir / f"checkpoint-{step}"
+        tmp = output_dir / f".tmp-checkpoint-{step}"
+        if accelerator.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            state = {"global_step": step, "sd_model": config.sd_model, "mode": config.mode}
+            atomic_write_text(tmp / STATE_NAME, json.dumps(state, indent=2) + "\n")
+            config.save_yaml(tmp / CONFIG_NAME)
+            old = output_dir / f".old-checkpoint-{step}"
+            if final.exists():  # a checkpoint of an earlier run at this step: replace it only once ours is whole
+                os.replace(final, old)
+            os.replace(tmp, final)
+            if old.exists():
+                shutil.rmtree(old)
+            if config.checkpoints_total_limit:
+                for stale in list_checkpoints(output_dir)[:-config.checkpoints_total_limit]:
+                    shutil.rmtree(stale)
+        accelerator.wait_for_everyone()
+        return final
+
+    # ---- loop
+    model.train()
+    progress = tqdm(total=config.max_train_steps, initial=global_step, desc="steps",
+                    disable=not accelerator.is_local_main_process)
+    window: list[torch.Tensor] = []
+    metric_names: list[str] = []
+    grad_norm = None
+    for batch in dataloader if global_step < config.max_train_steps else ():
+        with accelerator.accumulate(model):
+            noisy, timesteps, target, hidden, user_embeds, added = diffusion_inputs(
+                batch, models, config.resolution, device
+            )
+            policy_pred, ref_pred = model(noisy, timesteps, hidden, user_embeds, added)
+            b = target.shape[0]
+            loss, metrics = dpo_loss(policy_pred[:b], policy_pred[b:], ref_pred[:b], ref_pred[b:], target,
+                                     beta=config.beta_dpo, sft_weight=config.sft_weight)
+            # Every process must see the same verdict, or the healthy ones would wait forever.
+            losses = accelerator.gather(loss.detach().reshape(1))
+            if not torch.isfinite(losses).all():
+                raise NonFiniteLossError(
+                    f"loss became {losses.tolist()} at optimizer step {global_step + 1} (epoch "
+                    f"{int(batch['epoch'][0])}); stopping. Last good checkpoint: "
+                    f"{last_checkpoint or 'none (no checkpoint saved yet)'}. Try a lower learning rate or "
+                    "mixed_precision bf16 instead of fp16."
+                )
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                if config.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                if not getattr(optimizer, "step_was_skipped", False):
+                    lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+        scalars = {k: v for k, v in metrics.items() if v.ndim == 0}
+        metric_names = list(scalars)
+        window.append(torch.stack([v.float() for v in scalars.values()]))
+        if not accelerator.sync_gradients:
+            continue
+
+        global_step += 1
+        averaged = accelerator.reduce(torch.stack(window).mean(0), reduction="mean").tolist()
+        window = []
+        logs = dict(zip(metric_names, averaged))
+        logs["lr"] = lr_scheduler.get_last_lr()[0]
+        if grad_norm is not None:
+            logs["grad_norm"] = float(grad_norm)
+        accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=global_step)
+        progress.update(1)
+        progress.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs['implicit_acc']:.2f}")
+
+        if global_step % config.checkpointing_steps == 0 or global_step == config.stop_after_steps:
+            last_checkpoint = save_checkpoint(global_step)
+        if validation is not None and global_step % config.validation_steps == 0:
+            if accelerator.is_main_process:
+                validation.run(models.pipe, accelerator.unwrap_model(model).branch, global_step, accelerator,
+                               output_dir)
+            accelerator.wait_for_everyone()
+        if global_step == config.stop_after_steps and global_step < config.max_train_steps:
+            accelerator.print(f"stopped after step {global_step} as asked; resume with "
+                              f"--resume_from_checkpoint latest")
+            progress.close()
+            accelerator.end_training()
+            return None
+        if global_step >= config.max_train_steps:
+            break
+    progress.close()
+
+    # ---- final adapter
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).branch.save_weights(output_dir)
+        config.save_yaml(output_dir / CONFIG_NAME)
+        accelerator.print(f"saved the trained weights and {CONFIG_NAME} to {output_dir}")
+    accelerator.end_training()
+    return output_dir
+
+
+# ------------------------------------------------------------------------------------------------ validation
+@dataclass
+class ValidationSetup:
+    """A small image grid: rows are prompts, columns the base model then each validation user."""
+
+    prompts: list[str]
+    user_ids: list[str]
+    user_embeds: torch.Tensor | None  # (U, E)
+    config: TrainConfig
+
+    @classmethod
+    def create(cls, config: TrainConfig, dataset: SageDataset, store) -> ValidationSetup:
+        prompts = config.validation_prompts or [c for c in dataset.captions() if c][:2]
+        if not dataset.non_personalised:
+            user_ids = config.validation_users or dataset.user_ids()[:3]
+            rows = []
+            for uid in user_ids:  # checked now, not after an hour of training
+                if uid in dataset.user_embeds:
+                    rows.append(dataset.user_embeds[uid])
+                    continue
+                try:
+                    rows.append(torch.tensor(np.asarray(store[uid]), dtype=torch.float32).reshape(-1))
+                except KeyError as err:
+                    raise MissingEmbeddingError(f"validation user {uid} has no embedding ({err})") from err
+            return cls(prompts, user_ids, torch.stack(rows), config)
+        return cls(prompts, [], None, config)
+
+    @torch.no_grad()
+    def run(self, pipe, branch: TrainableBranch, step: int, accelerator, output_dir: Path) -> Path:
+        from psa_adapter.pipeline import generate
+
+        config = self.config
+        seeds = [config.seed + i for i in range(len(self.prompts))]
+        kwargs = dict(guidance_scale=config.validation_guidance_scale, height=config.resolution,
+                      width=config.resolution, num_inference_steps=config.validation_num_inference_steps)
+        columns, labels = [], []
+        with accelerator.autocast():
+            if isinstance(branch, PSABranch):
+                adapter = branch.adapter
+                n = len(self.prompts)
+                with adapter.scale_context(0.0):
+                    columns.append(generate(pipe, self.prompts, seeds, adapter=adapter,
+                                            user_embeds=self.user_embeds[:1].expand(n, -1), **kwargs))
+                labels.append("base")
+                for uid, embeds in zip(self.user_ids, self.user_embeds):
+                    columns.append(generate(pipe, self.prompts, seeds, adapter=adapter,
+                                            user_embeds=embeds.expand(n, -1), **kwargs))
+                    labels.append(uid)
+            else:
+                with branch.reference():
+                    columns.append(generate(pipe, self.prompts, seeds, **kwargs))
+                columns.append(generate(pipe, self.prompts, seeds, **kwargs))
+                labels = ["base", "policy"]
+        grid = image_grid(columns)
+        path = output_dir / "validation" / f"step-{step:06d}.png"
+        atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
+        atomic_write_text(path.with_suffix(".json"),
+                          json.dumps({"rows": self.prompts, "columns": labels, "seeds": seeds}, indent=2) + "\n")
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
+        return path
+
+
+def image_grid(columns: list[list]) -> object:
+    """Paste ``columns[c][r]`` PIL images into one grid image (rows = prompts, columns = models/users)."""
+    from PIL import Image
+
+    width, height = columns[0][0].size
+    grid = Image.new("RGB", (width * len(columns), height * len(columns[0])), "white")
+    for c, column in enumerate(columns):
+        for r, image in enumerate(column):
+            grid.paste(image, (c * width, r * height))
+    return grid
+
+
+__all__ = [
+    "DPOModel",
+    "NonFiniteLossError",
+    "LoRABranch",
+    "PSABranch",
+    "TrainableBranch",
+    "build_branch",
+    "diffusion_inputs",
+    "list_checkpoints",
+    "load_models",
+    "train",
+]

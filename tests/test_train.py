@@ -1,0 +1,256 @@
+"""Training: what changes and what must not, resume, bad input, the cache, the config. In-process, tiny models."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import psa_adapter.training as training
+from psa_adapter.adapter import AdapterMismatchError
+from psa_adapter.config import ConfigError, TrainConfig, load_yaml_config, parse_train_args
+from psa_adapter.data import MissingEmbeddingError, SageDataset, open_embedding_store
+from psa_adapter.data.synthetic import write_npy_embeddings, write_tiny_sage
+from psa_adapter.loss import dpo_loss
+from psa_adapter.testing import save_tiny_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+USERS = {"0000001": ["Violence"], "0000002": []}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_and_fresh_accelerate():
+    # Two threads on a shared 2-core machine are far slower than one for these tiny models.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    write_tiny_sage(root / "sage", "train", USERS)
+    write_npy_embeddings(root / "embeds", USERS, dim=16)
+    return {"root": root, "sd15": save_tiny_pipeline("sd15", root / "sd15"), "sage": root / "sage",
+            "embeds": root / "embeds"}
+
+
+def _config(tiny, out, **overrides) -> TrainConfig:
+    values = dict(sd_model=str(tiny["sd15"]), train_data_dir=str(tiny["sage"]), embeds_folder=str(tiny["embeds"]),
+                  output_dir=str(out), resolution=32, train_batch_size=2, gradient_accumulation_steps=1,
+                  max_train_steps=3, learning_rate=1e-3, lr_warmup_steps=0, mixed_precision="no",
+                  checkpointing_steps=100, report_to="none", seed=0)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _train_steps(models, branch, dataset, steps, lr=1e-3):
+    model = training.DPOModel(models.unet, branch)
+    optimizer = torch.optim.AdamW(branch.trainable_parameters(), lr=lr, weight_decay=0.0)
+    losses = []
+    for step in range(steps):
+        batch = torch.utils.data.default_collate([dataset[(step, i)] for i in range(4)])
+        noisy, t, target, hidden, users, added = training.diffusion_inputs(batch, models, 32, torch.device("cpu"))
+        policy, ref = model(noisy, t, hidden, users, added)
+        loss, _ = dpo_loss(policy[:4], policy[4:], ref[:4], ref[4:], target)
+        losses.append(loss.item())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return losses
+
+
+@pytest.mark.parametrize("num_tokens", [1, 2])
+def test_every_trainable_parameter_changes_and_every_frozen_one_is_bit_identical(tiny, tmp_path, num_tokens):
+    config = _config(tiny, tmp_path, num_tokens_user=num_tokens, proportion_empty_prompts=0.0)
+    models = training.load_models(config, torch.device("cpu"), torch.float32)
+    dataset = SageDataset(config.train_data_dir, embeddings=open_embedding_store(config.embeds_folder),
+                          resolution=32)
+    frozen = {k: v.clone() for k, v in models.unet.state_dict().items()}
+    frozen.update({f"vae.{k}": v.clone() for k, v in models.vae.state_dict().items()})
+    frozen.update({f"text.{k}": v.clone() for k, v in models.pipe.text_encoder.state_dict().items()})
+    branch = training.build_branch(config, models.unet, 16, None, None)
+    before = {k: v.clone() for k, v in branch.adapter.named_parameters()}
+    losses = _train_steps(models, branch, dataset, steps=3)
+    assert losses[0] == torch.tensor(math.log(2)).item()  # zero-init adapter == reference, exactly
+    trainable = {id(p) for p in branch.trainable_parameters()}
+    for name, p in branch.adapter.named_parameters():
+        if "to_k_user" in name and num_tokens == 1:
+            assert id(p) not in trainable and torch.equal(p, before[name]), name  # no gradient can reach it
+        else:
+            assert id(p) in trainable and not torch.equal(p, before[name]), f"{name} did not change"
+    after = dict(models.unet.state_dict())
+    after.update({f"vae.{k}": v for k, v in models.vae.state_dict().items()})
+    after.update({f"text.{k}": v for k, v in models.pipe.text_encoder.state_dict().items()})
+    assert set(after) == set(frozen)
+    for name, value in frozen.items():
+        assert torch.equal(after[name], value), f"frozen {name} changed"
+
+
+def test_train_runs_checkpoints_rotates_and_saves_the_final_adapter(tiny, tmp_path):
+    out = tmp_path / "run"
+    config = _config(tiny, out, max_train_steps=4, checkpointing_steps=1, checkpoints_total_limit=2,
+                     gradient_accumulation_steps=2, validation_steps=4, validation_num_inference_steps=2)
+    assert training.train(config) == out
+    assert [p.name for p in training.list_checkpoints(out)] == ["checkpoint-3", "checkpoint-4"]
+    assert not list(out.glob(".tmp-*")) and not list(out.glob(".old-*"))
+    from psa_adapter.adapter import PSAAdapter
+
+    adapter = PSAAdapter.from_pretrained(out)
+    assert adapter.config.embed_dim == 16
+    assert yaml.safe_load((out / "resolved_config.yaml").read_text())["max_train_steps"] == 4
+    state = json.loads((out / "checkpoint-4" / "training_state.json").read_text())
+    assert state["global_step"] == 4
+    grid = out / "validation" / "step-000004.png"
+    assert grid.is_file()
+    labels = json.loads(grid.with_suffix(".json").read_text())
+    assert labels["columns"] == ["base", "0000001", "0000002"]
+
+
+def _adapter_weights(folder):
+    return load_file(str(Path(folder) / "psa_adapter.safetensors"))
+
+
+def test_resume_equals_an_uninterrupted_run(tiny, tmp_path):
+    common = dict(max_train_steps=4, checkpointing_steps=2, gradient_accumulation_steps=2)
+    training.train(_config(tiny, tmp_path / "full", **common))
+    interrupted = _config(tiny, tmp_path / "resumed", stop_after_steps=2, **common)
+    assert training.train(interrupted) is None  # stopped as if killed after step 2
+    assert not (tmp_path / "resumed" / "psa_adapter.safetensors").exists()
+    assert (tmp_path / "resumed" / "checkpoint-2").is_dir()
+    training.train(_config(tiny, tmp_path / "resumed", resume_from_checkpoint="latest", **common))
+    full, resumed = _adapter_weights(tmp_path / "full"), _adapter_weights(tmp_path / "resumed")
+    assert any(v.abs().max() > 0 for k, v in full.items() if "to_v_user" in k)  # it trained
+    for key, value in full.items():
+        assert (value - resumed[key]).abs().max().item() <= 1e-6, key
+
+
+def test_nan_loss_stops_with_the_step_and_last_checkpoint(tiny, tmp_path, monkeypatch):
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss, metrics = dpo_loss(*args, **kwargs)
+        return (loss * float("nan"), metrics) if calls["n"] == 3 else (loss, metrics)
+
+    monkeypatch.setattr(training, "dpo_loss", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(training.NonFiniteLossError, match=r"step 3 .*checkpoint-2"):
+        training.train(_config(tiny, out, max_train_steps=5, checkpointing_steps=1))
+    assert [p.name for p in training.list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
+    assert (out / "checkpoint-2" / "trainable" / "psa_adapter.safetensors").is_file()
+    assert not (out / "psa_adapter.safetensors").exists()
+
+
+def test_resume_with_a_different_adapter_is_a_clear_error(tiny, tmp_path):
+    out = tmp_path / "mismatch"
+    training.train(_config(tiny, out, max_train_steps=1, checkpointing_steps=1))
+    with pytest.raises(AdapterMismatchError, match="num_tokens: checkpoint 1, this run 2"):
+        training.train(_config(tiny, out, max_train_steps=2, num_tokens_user=2, resume_from_checkpoint="latest"))
+    assert (out / "checkpoint-1" / "trainable" / "psa_adapter.safetensors").is_file()  # nothing lost
+    with pytest.raises(FileNotFoundError, match="is not a checkpoint"):
+        training.train(_config(tiny, out, resume_from_checkpoint=str(tmp_path / "nowhere")))
+
+
+def test_missing_user_embedding_fails_before_training(tiny, tmp_path):
+    embeds = write_npy_embeddings(tmp_path / "partial", ["0000001"], dim=16)
+    with pytest.raises(MissingEmbeddingError, match="user 0000002"):
+        training.train(_config(tiny, tmp_path / "out", embeds_folder=str(embeds)))
+
+
+def test_cached_conditioning_gives_the_same_inputs_and_training(tiny, tmp_path):
+    from psa_adapter.data.cache import build_conditioning_cache
+
+    config = _config(tiny, tmp_path, proportion_empty_prompts=0.5)
+    models = training.load_models(config, torch.device("cpu"), torch.float32)
+    store = open_embedding_store(config.embeds_folder)
+    plain = SageDataset(config.train_data_dir, embeddings=store, resolution=32, proportion_empty_prompts=0.5)
+    cached = SageDataset(config.train_data_dir, embeddings=store, resolution=32, proportion_empty_prompts=0.5)
+    cached.cache = build_conditioning_cache(tmp_path / "c", cached, models.vae, models.conditioner, model="m",
+                                            dtype=torch.float32, show_progress=False)
+    keys = [(e, i) for e in range(2) for i in range(len(plain))]
+    collate = torch.utils.data.default_collate
+    a = training.diffusion_inputs(collate([plain[k] for k in keys]), models, 32, torch.device("cpu"))
+    b = training.diffusion_inputs(collate([cached[k] for k in keys]), models, 32, torch.device("cpu"))
+    for x, y in zip(a[:5], b[:5]):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+
+    training.train(_config(tiny, tmp_path / "plain", max_train_steps=2))
+    training.train(_config(tiny, tmp_path / "cached", max_train_steps=2, cache_conditioning=True))
+    caches = list((tmp_path / "cached" / "cache").glob("*/cache_info.json"))
+    assert len(caches) == 1
+    plain, cached = _adapter_weights(tmp_path / "plain"), _adapter_weights(tmp_path / "cached")
+    for key, value in plain.items():
+        # Adam turns tiny numerical differences into differences well below one step (lr 1e-3).
+        torch.testing.assert_close(cached[key], value, atol=1e-4, rtol=0)
+    # A second run reuses the cache instead of rebuilding it.
+    mtime = caches[0].stat().st_mtime_ns
+    training.train(_config(tiny, tmp_path / "cached2", max_train_steps=1, cache_conditioning=True,
+                           cache_dir=str(tmp_path / "cached" / "cache")))
+    assert caches[0].stat().st_mtime_ns == mtime
+
+
+def test_non_personalised_lora_baseline_trains_and_loads_with_diffusers(tiny, tmp_path):
+    pytest.importorskip("peft")
+    out = tmp_path / "lora"
+    config = _config(tiny, out, mode="non_personalised", embeds_folder=None, max_train_steps=2,
+                     checkpointing_steps=1, learning_rate=1e-2)
+    training.train(config)
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny["sd15"]), safety_checker=None)
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    hidden = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base = pipe.unet(latents, 500, hidden).sample
+        pipe.load_lora_weights(str(out))
+        tuned = pipe.unet(latents, 500, hidden).sample
+    assert not torch.equal(base, tuned)
+    # Resuming a LoRA run restores its weights.
+    training.train(_config(tiny, out, mode="non_personalised", embeds_folder=None, max_train_steps=3,
+                           resume_from_checkpoint="latest"))
+
+
+# ---------------------------------------------------------------------------------------------------- config
+def test_yaml_then_flags_precedence_and_numbers_like_5e_6(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("sd_model: m\ntrain_data_dir: d\nembeds_folder: e\nlearning_rate: 5e-6\ntrain_batch_size: 3\n")
+    config = parse_train_args(["--config", str(path), "--train_batch_size", "5", "--gradient_checkpointing"])
+    assert config.learning_rate == 5e-6 and config.train_batch_size == 5 and config.gradient_checkpointing
+    assert config.beta_dpo == 5000.0  # untouched default
+    config.save_yaml(tmp_path / "resolved.yaml")
+    assert TrainConfig.from_yaml(tmp_path / "resolved.yaml") == config
+
+
+@pytest.mark.parametrize("text,message", [
+    ("sd_model: m\ntrain_data_dir: d\nembeds_folder: e\nlerning_rate: 1\n", "unknown config keys .*lerning_rate"),
+    ("sd_model: m\ntrain_data_dir: d\nembeds_folder: e\nmixed_precision: fp8\n", "mixed_precision must be one of"),
+    ("sd_model: m\ntrain_data_dir: d\nproportion_empty_prompts: 1.5\n", "embeds_folder is required.*proportion"),
+    ("sd_model: m\ntrain_data_dir: d\nembeds_folder: e\ntrain_batch_size: two\n", "train_batch_size must be int"),
+])
+def test_bad_configs_name_the_field(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        parse_train_args(["--config", str(path)])
+
+
+def test_shipped_configs_parse_and_carry_the_reference_hyperparameters():
+    sd15 = load_yaml_config(REPO / "configs" / "sd15.yaml")
+    sdxl = load_yaml_config(REPO / "configs" / "sdxl.yaml")
+    assert (sd15["learning_rate"], sd15["beta_dpo"], sd15["train_batch_size"], sd15["gradient_accumulation_steps"],
+            sd15["resolution"], sd15["lr_warmup_steps"], sd15["max_train_steps"]) == (5e-6, 5000, 6, 8, 512, 500, 5000)
+    assert sdxl["use_adafactor"] and sdxl["gradient_checkpointing"] and sdxl["resolution"] == 1024
+    assert (sdxl["train_batch_size"], sdxl["gradient_accumulation_steps"]) == (2, 16)
+    for name in ("sd15", "sdxl", "tiny"):
+        TrainConfig(**{"sd_model": "m", "train_data_dir": "d", "embeds_folder": "e",
+                       **load_yaml_config(REPO / "configs" / f"{name}.yaml")})
