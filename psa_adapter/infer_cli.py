@@ -275,7 +275,8 @@ class UserEmbeddings:
         for key, vector in self.vectors.items():
             if tuple(vector.shape) != (expected,):
                 raise InferError(f"the embedding of user {key} has shape {tuple(vector.shape)}, but the adapter "
-                                 f"{adapter_path} expects ({expected},)")
+                                 f"{adapter_path} expects ({expected},); embed the user with the adapter's encoder or "
+                                 "pass --embeds_folder with matching embeddings")
 
     def stack(self, jobs: Sequence[Job]):
         """(B, E) float32 tensor of the jobs' users."""
@@ -430,18 +431,18 @@ def load_jobs(args: argparse.Namespace) -> list[Job]:
         jobs = prompt_jobs(args.prompt, args.num_images)
     if args.limit is not None:
         jobs = jobs[: args.limit]
-    override = None
+    override, flag = None, None
     if args.user_id:
-        override = normalize_user_id(args.user_id, "--user_id")
+        override, flag = normalize_user_id(args.user_id, "--user_id"), "--user_id"
     elif args.level:
-        override = args.level
+        override, flag = args.level, "--level"
     elif args.profile:
         if not Path(args.profile).is_file():
             raise InferError(f"--profile file not found: {args.profile}")
-        override = f"profile:{args.profile}"
+        override, flag = f"profile:{args.profile}", "--profile"
     if override:
         for job in jobs:
-            job.user = override
+            job.user, job.where = override, flag  # messages about the user then name the flag, not a CSV line
     return jobs
 
 
@@ -564,10 +565,10 @@ def _load_adapter(args: argparse.Namespace, unet):
     return adapter
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str | os.PathLike] | None = None) -> int:
     """Entry point of ``infer.py``: exit status 0, or 1 with one message on bad input (2 for bad flags)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(None if argv is None else [os.fspath(a) for a in argv])
     _validate(parser, args)
     try:
         run(args)
