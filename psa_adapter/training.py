@@ -341,7 +341,10 @@ def train(config: TrainConfig) -> Path | None:
     from tqdm.auto import tqdm
 
     output_dir = Path(config.output_dir)
+    # accelerate only runs multi-process CPU jobs (gloo) when told to use the CPU; without GPUs, say so for it.
+    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(
+        cpu=multi_cpu,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision=config.mixed_precision,
         log_with=None if config.report_to == "none" else config.report_to,

@@ -160,6 +160,20 @@ def test_resume_with_a_different_adapter_is_a_clear_error(tiny, tmp_path):
         training.train(_config(tiny, out, resume_from_checkpoint=str(tmp_path / "nowhere")))
 
 
+def test_train_py_turns_bad_input_into_one_clear_message(tiny, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_script", REPO / "train.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = ["--sd_model", str(tiny["sd15"]), "--train_data_dir", str(tiny["sage"]), "--embeds_folder",
+            str(tiny["embeds"]), "--output_dir", str(tmp_path), "--report_to", "none", "--mixed_precision", "no"]
+    assert script.main([*args, "--sdxl"]) == 1
+    assert "error: --sdxl True contradicts the model" in capsys.readouterr().err
+    assert script.main([*args, "--sd_model", str(tmp_path / "no_model")]) == 1
+    assert "model folder not found" in capsys.readouterr().err
+
+
 def test_missing_user_embedding_fails_before_training(tiny, tmp_path):
     embeds = write_npy_embeddings(tmp_path / "partial", ["0000001"], dim=16)
     with pytest.raises(MissingEmbeddingError, match="user 0000002"):
