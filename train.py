@@ -13,10 +13,11 @@ from psa_adapter.config import ConfigError, parse_train_args
 from psa_adapter.data import MissingEmbeddingError, SageFormatError
 from psa_adapter.pipeline import ModelLoadError
 from psa_adapter.training import NonFiniteLossError, train
+from psa_adapter.users import EmbeddingDimensionError, EmbeddingStoreError
 
 # Bad input and a diverging run end with one clear message, not a traceback.
-USER_ERRORS = (AdapterMismatchError, ConfigError, MissingEmbeddingError, SageFormatError, ModelLoadError,
-               NonFiniteLossError, FileNotFoundError)
+USER_ERRORS = (AdapterMismatchError, ConfigError, EmbeddingDimensionError, EmbeddingStoreError, FileNotFoundError,
+               MissingEmbeddingError, ModelLoadError, NonFiniteLossError, SageFormatError)
 
 
 def main(argv=None) -> int:

@@ -152,7 +152,9 @@ class TrainConfig:
         default_factory=list, **_help("Grid rows. Empty: the first two distinct captions of the split.")
     )
     validation_users: list[str] = field(
-        default_factory=list, **_help("Grid columns (user ids). Empty: the first three users of the split.")
+        default_factory=list,
+        **_help("Grid columns: user ids or level presets (L0..L5, which are fixed users; their embeddings must be "
+                "in the store). Empty: the first three users of the split."),
     )
     validation_guidance_scale: float = field(default=7.5, **_help("CFG scale for validation images."))
     validation_num_inference_steps: int = field(default=25, **_help("Denoising steps for validation images."))

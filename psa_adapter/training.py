@@ -350,7 +350,8 @@ def train(config: TrainConfig) -> Path | None:
         log_with=None if config.report_to == "none" else config.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=logging.INFO if accelerator.is_local_main_process else logging.WARNING)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         config.save_yaml(output_dir / CONFIG_NAME)
@@ -550,7 +551,7 @@ class ValidationSetup:
     """A small image grid: rows are prompts, columns the base model then each validation user."""
 
     prompts: list[str]
-    user_ids: list[str]
+    labels: list[str]  # one per user column: the user id, or "L3=0000002" for a level preset
     user_embeds: torch.Tensor | None  # (U, E)
     config: TrainConfig
 
@@ -558,7 +559,17 @@ class ValidationSetup:
     def create(cls, config: TrainConfig, dataset: SageDataset, store) -> ValidationSetup:
         prompts = config.validation_prompts or [c for c in dataset.captions() if c][:2]
         if not dataset.non_personalised:
-            user_ids = config.validation_users or dataset.user_ids()[:3]
+            labels, user_ids = [], []
+            for name in config.validation_users or dataset.user_ids()[:3]:
+                if re.fullmatch(r"[Ll]\d+", name):  # a strictness level preset (SPEC section 3) is a fixed user
+                    from psa_adapter.users import load_level
+
+                    uid = load_level(name).user_id
+                    labels.append(f"{name.upper()}={uid}")
+                else:
+                    uid = name
+                    labels.append(uid)
+                user_ids.append(uid)
             rows = []
             for uid in user_ids:  # checked now, not after an hour of training
                 if uid in dataset.user_embeds:
@@ -567,8 +578,9 @@ class ValidationSetup:
                 try:
                     rows.append(torch.tensor(np.asarray(store[uid]), dtype=torch.float32).reshape(-1))
                 except KeyError as err:
-                    raise MissingEmbeddingError(f"validation user {uid} has no embedding ({err})") from err
-            return cls(prompts, user_ids, torch.stack(rows), config)
+                    source = getattr(store, "source", "the embedding store")
+                    raise MissingEmbeddingError(uid, f"{source} (needed for validation images)") from err
+            return cls(prompts, labels, torch.stack(rows), config)
         return cls(prompts, [], None, config)
 
     @torch.no_grad()
@@ -588,10 +600,10 @@ class ValidationSetup:
                     columns.append(generate(pipe, self.prompts, seeds, adapter=adapter,
                                             user_embeds=self.user_embeds[:1].expand(n, -1), **kwargs))
                 labels.append("base")
-                for uid, embeds in zip(self.user_ids, self.user_embeds):
+                for label, embeds in zip(self.labels, self.user_embeds):
                     columns.append(generate(pipe, self.prompts, seeds, adapter=adapter,
                                             user_embeds=embeds.expand(n, -1), **kwargs))
-                    labels.append(uid)
+                    labels.append(label)
             else:
                 with branch.reference():
                     columns.append(generate(pipe, self.prompts, seeds, **kwargs))

@@ -147,7 +147,7 @@ def test_caption_dropout_rate_and_flips_are_per_sample(sage):
 def test_missing_embedding_and_missing_image_fail_at_construction(sage, tmp_path):
     split_dir, embeds = sage
     (embeds / "0000002.npy").unlink()
-    with pytest.raises(MissingEmbeddingError, match=r"metadata\.jsonl:\d+: user 0000002 has no embedding"):
+    with pytest.raises(MissingEmbeddingError, match=r"no embedding for user 0000002 .*metadata\.jsonl:\d+"):
         SageDataset(split_dir.parent, "train", embeddings=open_embedding_store(embeds))
     write_npy_embeddings(embeds, ["0000002"], dim=16)
     next(split_dir.glob("*_u.jpg")).unlink()

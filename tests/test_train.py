@@ -176,8 +176,33 @@ def test_train_py_turns_bad_input_into_one_clear_message(tiny, tmp_path, capsys)
 
 def test_missing_user_embedding_fails_before_training(tiny, tmp_path):
     embeds = write_npy_embeddings(tmp_path / "partial", ["0000001"], dim=16)
-    with pytest.raises(MissingEmbeddingError, match="user 0000002"):
+    with pytest.raises(MissingEmbeddingError, match="no embedding for user 0000002"):
         training.train(_config(tiny, tmp_path / "out", embeds_folder=str(embeds)))
+    # Validation columns are checked up front too; level L0 is the fixed user 0001001, absent from this store.
+    with pytest.raises(MissingEmbeddingError, match="user 0001001 .*validation"):
+        training.train(_config(tiny, tmp_path / "out", validation_steps=1, validation_users=["0000001", "L0"]))
+
+
+def test_reference_pass_is_exactly_a_separate_frozen_unet(tiny, tmp_path):
+    import copy
+
+    config = _config(tiny, tmp_path)
+    models = training.load_models(config, torch.device("cpu"), torch.float32)
+    base_unet = copy.deepcopy(models.unet)  # what a two-UNet design would keep
+    branch = training.build_branch(config, models.unet, 16, None, None)
+    with torch.no_grad():
+        for p in branch.adapter.parameters():
+            p.normal_(0, 0.5)  # a trained-looking adapter: the policy now differs from the base
+    model = training.DPOModel(models.unet, branch)
+    g = torch.Generator().manual_seed(0)
+    noisy, hidden, users = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 32, generator=g), \
+        torch.randn(2, 16, generator=g)
+    t = torch.tensor([10, 900])
+    policy, ref = model(noisy, t, hidden, users)
+    with torch.no_grad():
+        expected = base_unet(noisy, t, hidden).sample
+    assert torch.equal(ref, expected)
+    assert not torch.allclose(policy, expected)
 
 
 def test_cached_conditioning_gives_the_same_inputs_and_training(tiny, tmp_path):

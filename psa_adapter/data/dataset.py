@@ -96,9 +96,9 @@ class SageDataset(torch.utils.data.Dataset):
                 continue
             try:
                 vector = store[uid]
-            except KeyError as err:
-                raise MissingEmbeddingError(f"{self._where(record)}: user {uid} has no embedding in the store "
-                                            f"({err})") from err
+            except KeyError as err:  # name the record that needs it, too
+                source = getattr(store, "source", "the embedding store")
+                raise MissingEmbeddingError(uid, f"{source} (needed by {self._where(record)})") from err
             self.user_embeds[uid] = torch.tensor(np.asarray(vector), dtype=torch.float32).reshape(-1)
         dims = {v.shape[0] for v in self.user_embeds.values()}
         if len(dims) != 1:
