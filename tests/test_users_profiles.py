@@ -137,8 +137,8 @@ def test_cluster_style_csv_with_user_id_and_extra_columns(tmp_path):
     assert p.user_id == "0000797" and p.religion == "None" and p.physical_condition == "hearing impairment"
 
 
-ROW_OK = "34,young adults,female,None,healthy,anxiety,\"['Self-Harm']\",\"" + str(
-    [c for c in sorted(CATEGORIES) if c != "Self-Harm"]).replace('"', "'") + "\"\n"
+ALLOWED_BUT_SELF_HARM = sorted(set(CATEGORIES) - {"Self-Harm"})
+ROW_OK = f"34,young adults,female,None,healthy,anxiety,\"['Self-Harm']\",\"{ALLOWED_BUT_SELF_HARM}\"\n"
 
 
 @pytest.mark.parametrize(
@@ -161,6 +161,12 @@ def test_bad_csv_rows_name_row_line_and_field(tmp_path, row, pattern):
     with pytest.raises(ProfileError, match=pattern) as info:
         read_users_csv(path)
     assert str(path) in str(info.value)
+
+
+def test_byte_order_mark_is_tolerated(tmp_path):
+    path = tmp_path / "bom.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + (HEADER + ROW_OK).encode())
+    assert read_users_csv(path)[0].banned == ("Self-Harm",)
 
 
 def test_missing_column_is_named(tmp_path):

@@ -34,8 +34,10 @@ _OVER_60 = ("young elderly", "elderly", "long-lived elderly")
 _TRAUMA = ("war", "sexual assault", "major accidents", "natural disasters")
 _DISTRESS = ("depression", "anxiety")
 
-# (category, reason, predicate). Read off the reference labels in users.csv: for every clause below, the ban rate
-# of the matching users is exactly 1, and a category is banned for no user that matches none of its clauses.
+# (category, reason, predicate). Read off the reference labels in users.csv, which are a deterministic function of
+# (age group, religion, physical, mental condition): 412 distinct combinations, each with a single banned set; age
+# within the group and gender never matter. For every clause below the ban rate of the matching users is exactly 1,
+# and a category is banned for no user that matches none of its clauses (agreement on all 1,001 users: 100%).
 # They refine the reference prompt's rules: "minors" is split into under-13 (ban nearly everything) and
 # adolescents (only Sexuality); "unstable mental condition" splits into distress (Self-Harm, Shocking) and trauma
 # (Violence, plus Harassment/Sexuality for sexual assault and Propaganda for war); a religion bans Sexuality and

@@ -142,7 +142,7 @@ class UserProfile:
 
     def with_banned(self, banned) -> UserProfile:
         """A copy of this profile with a new banned list (validated)."""
-        return UserProfile(**{**self.to_dict(), "banned": tuple(banned)})
+        return UserProfile(**{**self.to_dict(), "banned": banned})
 
     def to_dict(self) -> dict:
         """Plain dict with snake_case keys (banned as a list or None); the inverse of profile_from_mapping."""
@@ -232,7 +232,8 @@ def read_users_csv(path: str | os.PathLike) -> list[UserProfile]:
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: spreadsheet exports often start with a byte-order mark, which would hide the first column.
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise FileNotFoundError(f"users file not found: {path}") from None
     reader = csv.DictReader(io.StringIO(text, newline=""))
