@@ -275,9 +275,7 @@ def diffusion_inputs(batch: dict, models: Models, resolution: int, device: torch
         moments = vae_moments(models.vae, torch.cat([batch["pixel_values_w"], batch["pixel_values_l"]]))
         text = models.conditioner.encode(list(batch["caption"]))
         hidden, pooled = text.encoder_hidden_states, text.pooled_text_embeds
-    b = hidden.shape[0]
-    latent_shape = moments.shape[1:]
-    latent_shape = (latent_shape[0] // 2, *latent_shape[1:])
+    latent_shape = (moments.shape[1] // 2, *moments.shape[2:])  # moments hold mean and log-variance
     num_timesteps = models.noise_scheduler.config.num_train_timesteps
     timesteps, noise, z_w, z_l = [], [], [], []
     for seed in batch["noise_seed"].tolist():
@@ -299,7 +297,6 @@ def diffusion_inputs(batch: dict, models: Models, resolution: int, device: torch
     user_embeds = batch.get("user_embeds")
     user_embeds = torch.cat([user_embeds, user_embeds]).to(device) if user_embeds is not None else None
     added = added_cond_kwargs(torch.cat([pooled, pooled]) if pooled is not None else None, resolution)
-    assert noisy.shape[0] == 2 * b
     return noisy, timesteps2, noise, torch.cat([hidden, hidden]), user_embeds, added
 
 
