@@ -20,6 +20,10 @@ def atomic_write(target: str | os.PathLike, write: Callable[[str], object]) -> N
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp creates 0600 files; give the result the permissions a plain open() would have.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
