@@ -5,8 +5,11 @@ Example: python dataset/validate_sage.py --root ../shared/upstream-data/sage --s
 """
 
 import sys
+from pathlib import Path
 
-from psa_adapter.data.__main__ import main
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable without installing the package
+
+from psa_adapter.data.__main__ import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["validate", *sys.argv[1:]]))

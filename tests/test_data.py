@@ -200,3 +200,14 @@ def test_real_sage_metadata_follows_the_preference_rule():
         assert report.records == 2100 and len(report.users) == 50
         assert report.ok, report.format()
         assert sum(v[0] for v in report.rule.values()) == 2100
+
+
+def test_validate_script_runs_without_installing(sage, tmp_path):
+    import subprocess
+    import sys
+
+    split_dir, _ = sage
+    script = Path(__file__).resolve().parents[1] / "dataset" / "validate_sage.py"
+    result = subprocess.run([sys.executable, str(script), "--root", str(split_dir.parent), "--split", "train"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stderr
