@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU wheel on this kind of machine; GPU users: set TORCH_SPEC or use environment.yaml.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= users,llm,eval,dev
+EXTRAS ?= users,llm,train,eval,dev
 STAMP := $(VENV)/.install-stamp
 PYTEST_ARGS ?=
 
