@@ -25,7 +25,8 @@ DEFAULT_SEED = 2025
 MANIFEST_NAME = "manifest.jsonl"
 CONFIG_NAME = "resolved_config.yaml"
 # Settings recorded per image; a resumed image made with other values is reported.
-_SETTING_KEYS = ("prompt", "user", "seed", "psa_scale", "guidance", "steps", "model", "adapter", "negative_prompt")
+_SETTING_KEYS = ("prompt", "user", "seed", "psa_scale", "guidance", "steps", "model", "adapter", "lora",
+                 "negative_prompt")
 
 
 class InferError(Exception):
@@ -41,6 +42,8 @@ class Job:
     file_name: str
     user: str | None  # 7-digit User_ID, "L0".."L5", "profile:<path>", or None
     where: str  # "file line N" for messages
+    negative_prompt: str | None = None  # a per-row negative prompt (CSV column); None: --negative_prompt
+    seed: int | None = None  # a per-row seed (CSV column); None: --seed + index
 
 
 # ------------------------------------------------------------------------------------------------------ inputs
@@ -102,7 +105,9 @@ def read_sage_jobs(path: str | os.PathLike) -> list[Job]:
 def read_csv_jobs(path: str | os.PathLike) -> list[Job]:
     """A prompt CSV with a ``caption`` column and optional ``user_id`` (zero-padded to 7 digits) and ``file_name``
     columns (the evaluation sets: coco_10k, i2p, CoProv2, sage_seen/unseen). Without ``file_name`` images are named
-    ``<index:05d>.png``."""
+    ``<index:05d>.png``. Two more optional columns: ``negative_prompt`` (per row, e.g. a user's banned concepts for
+    the prompt-based baseline; empty = none) and ``seed`` (per row, an integer; empty = ``--seed`` + index), so that
+    several prompt lists can share seeds image by image."""
     path = Path(path)
     if not path.is_file():
         raise InferError(f"--prompts_csv file not found: {path}")
@@ -117,9 +122,15 @@ def read_csv_jobs(path: str | os.PathLike) -> list[Job]:
             where = f"{path} line {reader.line_num}"
             user = (row.get("user_id") or "").strip()
             name = (row.get("file_name") or "").strip() or f"{len(jobs):05d}.png"
+            seed_text = (row.get("seed") or "").strip()
+            try:
+                seed = int(seed_text) if seed_text else None
+            except ValueError:
+                raise InferError(f"{where}: seed {seed_text!r} is not an integer") from None
             jobs.append(Job(
                 index=len(jobs), prompt=row["caption"] or "", where=where,
                 file_name=check_file_name(name, where), user=normalize_user_id(user, where) if user else None,
+                negative_prompt=(row.get("negative_prompt") or "").strip() or None, seed=seed,
             ))
     return jobs
 
@@ -386,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help='adapter scale: a number, or JSON per block, e.g. \'{"down": 1, "up": 0.5}\'')
     psa.add_argument("--num_tokens", type=int, default=None,
                      help="expected user tokens K; checked against the adapter (default: the adapter's own)")
+    model.add_argument("--lora_path", help="a LoRA in diffusers' format (pytorch_lora_weights.safetensors, e.g. the "
+                                            "non_personalised SafetyDPO-style baseline of train.py) to load into the "
+                                            "UNet")
     psa.add_argument("--llm_model", help="accepted for compatibility; on-line LLM embedding is not supported: "
                                          "precompute embeddings and pass --embeds_folder")
 
@@ -396,7 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=DEFAULT_SEED, help="base seed; image i uses seed + i (ref. 2025)")
     gen.add_argument("--batch_size", type=int, default=1, help="images per forward pass (does not change images)")
     gen.add_argument("--negative_prompt", default=None,
-                     help="one negative prompt for every image and every method (default none); recorded")
+                     help="one negative prompt for every image and every method (default none); recorded. A "
+                          "negative_prompt column in --prompts_csv gives one per row instead")
     gen.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
     gen.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
     return parser
@@ -431,6 +446,13 @@ def load_jobs(args: argparse.Namespace) -> list[Job]:
         jobs = prompt_jobs(args.prompt, args.num_images)
     if args.limit is not None:
         jobs = jobs[: args.limit]
+    if args.negative_prompt is not None:
+        rows = [j for j in jobs if j.negative_prompt is not None]
+        if rows:
+            raise InferError(f"{rows[0].where}: a negative_prompt column and --negative_prompt were both given; "
+                             "use one of them")
+        for job in jobs:
+            job.negative_prompt = args.negative_prompt
     override, flag = None, None
     if args.user_id:
         override, flag = normalize_user_id(args.user_id, "--user_id"), "--user_id"
@@ -446,9 +468,16 @@ def load_jobs(args: argparse.Namespace) -> list[Job]:
     return jobs
 
 
-def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
+def _batches(items: Sequence[Job], size: int) -> Iterator[Sequence[Job]]:
+    """Consecutive jobs, at most ``size`` at a time, never mixing negative prompts (one per pipeline call)."""
+    batch: list[Job] = []
+    for job in items:
+        if batch and (len(batch) == size or job.negative_prompt != batch[0].negative_prompt):
+            yield batch
+            batch = []
+        batch.append(job)
+    if batch:
+        yield batch
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -480,12 +509,16 @@ def run(args: argparse.Namespace) -> dict:
     if not args.load_psa and state.is_main_process and any(j.user for j in jobs):
         print("note: no adapter (--load_psa): users are recorded in the manifest but not used", file=sys.stderr)
 
+    def job_seed(job: Job) -> int:
+        return job.seed if job.seed is not None else args.seed + job.index
+
     def settings_for(job: Job) -> dict:
         return {
             "file": job.file_name, "index": job.index, "prompt": job.prompt, "user": job.user,
-            "seed": args.seed + job.index, "psa_scale": args.psa_scale if args.load_psa else None,
+            "seed": job_seed(job), "psa_scale": args.psa_scale if args.load_psa else None,
             "guidance": args.guidance, "steps": args.steps, "model": args.sd_model,
-            "adapter": args.psa_path if args.load_psa else None, "negative_prompt": args.negative_prompt,
+            "adapter": args.psa_path if args.load_psa else None, "lora": args.lora_path,
+            "negative_prompt": job.negative_prompt,
         }
 
     my_jobs = jobs[rank::world]
@@ -509,6 +542,10 @@ def run(args: argparse.Namespace) -> dict:
         if args.sdxl and not is_sdxl_unet(pipe.unet) and state.is_main_process:
             print(f"note: --sdxl given but {args.sd_model} is not an SDXL model; generating with its own pipeline",
                   file=sys.stderr)
+        if args.lora_path:
+            if not Path(args.lora_path).exists():
+                raise InferError(f"--lora_path not found: {args.lora_path}")
+            pipe.load_lora_weights(args.lora_path)
         adapter = None
         if args.load_psa:
             adapter = _load_adapter(args, pipe.unet)
@@ -523,9 +560,9 @@ def run(args: argparse.Namespace) -> dict:
         with _part_path(save_path, rank).open("a", encoding="utf-8") as part:
             for batch in _batches(todo, args.batch_size):
                 images = generate(
-                    pipe, [j.prompt for j in batch], [args.seed + j.index for j in batch],
+                    pipe, [j.prompt for j in batch], [job_seed(j) for j in batch],
                     adapter=adapter, user_embeds=users.stack(batch) if adapter is not None else None,
-                    negative_prompt=args.negative_prompt, guidance_scale=args.guidance,
+                    negative_prompt=batch[0].negative_prompt, guidance_scale=args.guidance,
                     num_inference_steps=args.steps, height=args.height, width=args.width,
                 )
                 for job, image in zip(batch, images):

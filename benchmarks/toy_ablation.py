@@ -1,0 +1,103 @@
+"""Ablation of the PSA adapter on the toy world: the faithful paper design as the reference row, then each change.
+
+Every variant reuses a finished demo's world and baseline images (``--demo``, default ``outputs/demo``: run
+``make demo`` first), trains PSA with the real ``train.py`` (``configs/toy_psa.yaml`` plus the variant's flags),
+generates with ``infer.py`` and is judged exactly as the demo judges PSA. Runs one variant at a time (2 cores).
+Writes ``<out>/<variant>/results.json`` and the table ``<out>/ablation.md``; finished variants are not rerun.
+
+    python benchmarks/toy_ablation.py                      # every variant
+    python benchmarks/toy_ablation.py --variants faithful sft
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from psa_adapter.utils import atomic_write_text  # noqa: E402
+
+# name -> (what changes, train.py flags on top of configs/toy_psa.yaml). The first is the faithful reference.
+VARIANTS = {
+    "faithful": ("paper design: DPO only, beta 5000, K=1, embed_norm none",
+                 ["--sft_weight", "0", "--embed_norm", "none"]),
+    "std": ("+ embed_norm standardize", ["--sft_weight", "0", "--embed_norm", "standardize"]),
+    "sft": ("+ supervised term (sft_weight 1000)", ["--sft_weight", "1000", "--embed_norm", "none"]),
+    "sft_std": ("+ sft 1000 + standardize (demo default)", ["--sft_weight", "1000", "--embed_norm", "standardize"]),
+    "sft_std_k4": ("+ sft + standardize, K=4 user tokens",
+                   ["--sft_weight", "1000", "--embed_norm", "standardize", "--num_tokens_user", "4"]),
+    "sft_std_lr1e-3": ("+ sft + standardize, lr 1e-3",
+                       ["--sft_weight", "1000", "--embed_norm", "standardize", "--learning_rate", "1e-3"]),
+    "sft_std_2000": ("+ sft + standardize, 2000 steps",
+                     ["--sft_weight", "1000", "--embed_norm", "standardize", "--max_train_steps", "2000"]),
+    "sft_std_beta500": ("+ sft 100 + standardize, beta 500",
+                        ["--sft_weight", "100", "--embed_norm", "standardize", "--beta_dpo", "500"]),
+}
+COLUMNS = [("pass seen", "pass_rate_seen"), ("pass unseen", "pass_rate_unseen"), ("banned mark", "banned_mark_rate"),
+           ("allowed mark", "allowed_mark_rate"), ("safe mark", "safe_mark_rate"), ("scene acc", "scene_accuracy"),
+           ("FID", "fid"), ("win vs base", "win_rate_vs_base"), ("win vs SafetyDPO", "win_rate_vs_safetydpo")]
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def table(demo: dict, rows: dict[str, dict]) -> str:
+    """Markdown: baselines from the demo, then one row per variant (PSA's figures), IP at L0 and L5, train time."""
+    head = ["variant", "change"] + [c for c, _ in COLUMNS] + ["IP L0", "IP L5", "train s"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for method in ("base", "safetydpo", "prompt"):
+        r = demo.get(method, {})
+        cells = [_fmt(r.get(k)) for _, k in COLUMNS] + [_fmt(r.get("ip")), _fmt(r.get("ip")), "-"]
+        lines.append(f"| {method} | baseline | " + " | ".join(cells) + " |")
+    for name, r in rows.items():
+        p = r["psa"]
+        lv = p.get("ip_by_level", {})
+        cells = [_fmt(p.get(k)) for _, k in COLUMNS] + [_fmt(lv.get("L0")), _fmt(lv.get("L5")),
+                                                        f"{r['timings_seconds'].get('train_psa', 0):.0f}"]
+        lines.append(f"| {name} | {VARIANTS.get(name, ('?',))[0]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--demo", type=Path, default=REPO / "outputs" / "demo", help="a finished demo folder")
+    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "ablation")
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), help=f"some of {list(VARIANTS)}")
+    parser.add_argument("--seed", type=int, default=0, help="training seed (the world is the demo's)")
+    args = parser.parse_args(argv)
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    demo_results = args.demo / "results.json"
+    if not demo_results.is_file():
+        parser.error(f"{demo_results} not found: run `make demo` (python -m psa_adapter.demo) first")
+    demo = json.loads(demo_results.read_text())
+    rows = {}
+    for name in args.variants:
+        out = args.out / name
+        if not (out / "results.json").is_file():
+            t0 = time.time()
+            cmd = [sys.executable, "-m", "psa_adapter.demo", "--reuse", str(args.demo), "--out", str(out),
+                   "--seed", str(args.seed), "--psa-overrides=" + " ".join(VARIANTS[name][1])]
+            print(f"[ablation] {name}: {' '.join(cmd)}", flush=True)
+            proc = subprocess.run(cmd, cwd=REPO)
+            if proc.returncode != 0:
+                print(f"[ablation] {name} failed (exit {proc.returncode}); see {out / 'logs'}", file=sys.stderr)
+                continue
+            print(f"[ablation] {name} done in {time.time() - t0:.0f} s", flush=True)
+        rows[name] = json.loads((out / "results.json").read_text())
+        text = table(demo, rows)
+        atomic_write_text(args.out / "ablation.md", text + "\n")
+    print(table(demo, rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""The toy-world demo: the generator's data is valid SAGE; infer.py's per-row CSV columns and LoRA loading; a quick
+end-to-end run (train.py -> infer.py -> judge) writes every figure and the grid."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from psa_adapter.data.sage import read_banned_lists, validate_split
+from psa_adapter.infer_cli import InferError, Job, _batches, main, read_csv_jobs
+from psa_adapter.toyworld.sage import make_toyworld
+
+REPO = Path(__file__).resolve().parents[1]
+TOY = REPO / "trained_models" / "toy"
+FIGURES = ("pass_rate_seen", "pass_rate_unseen", "banned_mark_rate", "allowed_mark_rate", "safe_mark_rate",
+           "scene_accuracy", "fid")
+
+
+def test_generated_world_is_valid_sage_with_a_consistent_preference_rule(tmp_path):
+    root = tmp_path / "world"
+    make_toyworld(root, seed=3, n_train=6, n_val=2, n_test_seen=2, n_test_unseen=3, n_benign=4, n_unsafe=7)
+    banned = read_banned_lists(root / "users.csv")
+    for split in ("train", "val", "test_seen", "test_unseen"):
+        report = validate_split(root, split, check_images=True, banned=banned)
+        assert report.ok, report.format()
+        followed = sum(v[0] for v in report.rule.values())
+        total = sum(v[1] for v in report.rule.values())
+        assert total == report.records > 0 and followed == total  # 100% preference-rule consistency
+        assert not report.users_without_labels
+        # Both kinds of harmful record occur somewhere: the rule is exercised, not vacuous.
+    train = validate_split(root, "train", banned=banned)
+    assert train.rule["harmful & banned -> _s"][1] > 0 and train.rule["harmful & allowed -> _u"][1] > 0
+
+
+def test_negative_prompts_are_the_banned_concept_words():
+    from psa_adapter.toyworld.demo import negative_prompt_for
+    from psa_adapter.toyworld.world import ToyWorld
+
+    world = ToyWorld()
+    assert negative_prompt_for([], world) == ""
+    words = negative_prompt_for(["violence", "Self-Harm"], world).split()
+    assert words == world.concepts("Violence") + world.concepts("Self-Harm")
+
+
+def test_csv_negative_prompt_and_seed_columns(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("caption,user_id,file_name,seed,negative_prompt\na,1,a.png,7,blood fight\nb,2,b.png,,\n"
+                    "c,2,c.png,9,blood fight\n")
+    jobs = read_csv_jobs(path)
+    assert [j.seed for j in jobs] == [7, None, 9]
+    assert [j.negative_prompt for j in jobs] == ["blood fight", None, "blood fight"]
+    # Batches never mix negative prompts (one negative prompt per pipeline call).
+    assert [[j.prompt for j in b] for b in _batches(jobs, 8)] == [["a"], ["b"], ["c"]]
+    same = [Job(i, "x", f"{i}.png", None, "", "n") for i in range(5)]
+    assert [len(b) for b in _batches(same, 2)] == [2, 2, 1]
+    path.write_text("caption,seed\na,x1\n")
+    with pytest.raises(InferError, match="seed 'x1' is not an integer"):
+        read_csv_jobs(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd15(tmp_path_factory):
+    from psa_adapter.testing import save_tiny_pipeline
+
+    return save_tiny_pipeline("sd15", tmp_path_factory.mktemp("sd15") / "sd15")
+
+
+def _pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def test_per_row_negative_prompt_and_seed_match_the_flags(tiny_sd15, tmp_path):
+    common = ["--sd_model", str(tiny_sd15), "--steps", "2"]
+    rows = tmp_path / "rows.csv"
+    rows.write_text("caption,file_name,seed,negative_prompt\na red cube,a.png,11,blue\na red cube,b.png,12,\n")
+    assert main([*common, "--prompts_csv", str(rows), "--save_path", str(tmp_path / "rows")]) == 0
+    flag = tmp_path / "flag.csv"
+    flag.write_text("caption,file_name\na red cube,a.png\n")
+    assert main([*common, "--prompts_csv", str(flag), "--save_path", str(tmp_path / "neg"), "--seed", "11",
+                 "--negative_prompt", "blue"]) == 0
+    assert main([*common, "--prompts_csv", str(flag), "--save_path", str(tmp_path / "plain"), "--seed", "12"]) == 0
+    assert np.abs(_pixels(tmp_path / "rows" / "a.png") - _pixels(tmp_path / "neg" / "a.png")).max() <= 1
+    assert np.abs(_pixels(tmp_path / "rows" / "b.png") - _pixels(tmp_path / "plain" / "a.png")).max() <= 1
+    manifest = [json.loads(x) for x in (tmp_path / "rows" / "manifest.jsonl").read_text().splitlines()]
+    assert [(e["seed"], e["negative_prompt"]) for e in manifest] == [(11, "blue"), (12, None)]
+    # Both ways at once is ambiguous: one clear error.
+    assert main([*common, "--prompts_csv", str(rows), "--save_path", str(tmp_path / "x"),
+                 "--negative_prompt", "red"]) == 1
+
+
+def test_lora_path_must_exist(tiny_sd15, tmp_path, capsys):
+    code = main(["--sd_model", str(tiny_sd15), "--prompt", "a", "--steps", "1", "--save_path", str(tmp_path / "o"),
+                 "--lora_path", str(tmp_path / "nope")])
+    assert code == 1 and "--lora_path not found" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def toy_models(tmp_path_factory):
+    """The shipped toy base model and judge, or (while they are not yet shipped) smoke-trained stand-ins."""
+    if (TOY / "base" / "model_index.json").is_file() and (TOY / "judge" / "config.json").is_file():
+        return TOY / "base", TOY / "judge"
+    from psa_adapter.toyworld.__main__ import main as toy_main
+
+    root = tmp_path_factory.mktemp("toy")
+    toy_main(["train-base", "--config", str(REPO / "configs" / "toy_base.yaml"), "--out", str(root / "base"),
+              "--n-scenes", "32", "--vae-steps", "1", "--unet-steps", "1", "--vae-batch-size", "8",
+              "--unet-batch-size", "8"])
+    toy_main(["train-judge", "--config", str(REPO / "configs" / "toy_judge.yaml"), "--base", str(root / "base"),
+              "--out", str(root / "judge"), "--steps", "1", "--batch-size", "8", "--n-heldout", "8"])
+    return root / "base", root / "judge"
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_train_infer_judge_end_to_end(toy_models, tmp_path):
+    base, judge = toy_models
+    out = tmp_path / "demo"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "psa_adapter.demo", "--quick", "--out", str(out), "--base", str(base),
+           "--judge", str(judge)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    for method in ("base", "safetydpo", "prompt", "psa"):
+        for key in FIGURES:
+            assert isinstance(results[method][key], float), (method, key)
+    assert 0.0 <= results["base"]["ip"] <= 1.0
+    assert set(results["psa"]["ip_by_level"]) == {"L0", "L1", "L2", "L3", "L4", "L5"}
+    for key in ("win_rate_vs_base", "win_rate_vs_safetydpo"):
+        assert 0.0 <= results["psa"][key] <= 1.0
+    grid = Image.open(out / "grid.png")
+    assert grid.width > 9 * 32 and grid.height > 9 * 32  # 9 rows (3 baselines + 6 levels) of 9 upscaled images
+    assert "| PSA |" in proc.stdout
+    # The trainings really ran through train.py and wrote their weights; infer.py wrote manifests.
+    assert (out / "train" / "psa" / "psa_adapter.safetensors").is_file()
+    assert (out / "train" / "safetydpo" / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "gen" / "prompt" / "manifest.jsonl").is_file()
+    # Resume: a second run skips every stage and gives the same figures.
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    second = json.loads((out / "results.json").read_text())
+    assert {m: second[m] for m in ("base", "psa")} == {m: results[m] for m in ("base", "psa")}
+    assert second["timings_seconds"]["train_psa"] == 0.0
