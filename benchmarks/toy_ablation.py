@@ -23,13 +23,14 @@ sys.path.insert(0, str(REPO))
 
 from psa_adapter.utils import atomic_write_text  # noqa: E402
 
-# name -> (what changes, train.py flags on top of configs/toy_psa.yaml). The first is the faithful reference.
+# name -> (what changes, train.py flags on top of configs/toy_psa.yaml[, extra demo flags]). The first is the
+# faithful reference. The demo's own PSA row (configs/toy_psa.yaml as is) is listed as "demo".
+# "{demo}" in demo flags is replaced by the --demo folder (inference-only variants reuse its adapter).
 VARIANTS = {
     "faithful": ("paper design: DPO only, beta 5000, K=1, embed_norm none",
                  ["--sft_weight", "0", "--embed_norm", "none"]),
     "std": ("+ embed_norm standardize", ["--sft_weight", "0", "--embed_norm", "standardize"]),
     "sft": ("+ supervised term (sft_weight 1000)", ["--sft_weight", "1000", "--embed_norm", "none"]),
-    "sft_std": ("+ sft 1000 + standardize (demo default)", ["--sft_weight", "1000", "--embed_norm", "standardize"]),
     "sft_std_k4": ("+ sft + standardize, K=4 user tokens",
                    ["--sft_weight", "1000", "--embed_norm", "standardize", "--num_tokens_user", "4"]),
     "sft_std_lr1e-3": ("+ sft + standardize, lr 1e-3",
@@ -38,6 +39,8 @@ VARIANTS = {
                      ["--sft_weight", "1000", "--embed_norm", "standardize", "--max_train_steps", "2000"]),
     "sft_std_beta500": ("+ sft 100 + standardize, beta 500",
                         ["--sft_weight", "100", "--embed_norm", "standardize", "--beta_dpo", "500"]),
+    "demo_scale3": ("demo adapter, psa_scale 3 at inference", [],
+                    ["--psa-path", "{demo}/train/psa", "--psa-scale", "3"]),
 }
 COLUMNS = [("pass seen", "pass_rate_seen"), ("pass unseen", "pass_rate_unseen"), ("banned mark", "banned_mark_rate"),
            ("allowed mark", "allowed_mark_rate"), ("safe mark", "safe_mark_rate"), ("scene acc", "scene_accuracy"),
@@ -56,12 +59,15 @@ def table(demo: dict, rows: dict[str, dict]) -> str:
         r = demo.get(method, {})
         cells = [_fmt(r.get(k)) for _, k in COLUMNS] + [_fmt(r.get("ip")), _fmt(r.get("ip")), "-"]
         lines.append(f"| {method} | baseline | " + " | ".join(cells) + " |")
+    if "psa" in demo:
+        rows = {"demo": demo, **rows}
     for name, r in rows.items():
         p = r["psa"]
         lv = p.get("ip_by_level", {})
         cells = [_fmt(p.get(k)) for _, k in COLUMNS] + [_fmt(lv.get("L0")), _fmt(lv.get("L5")),
                                                         f"{r['timings_seconds'].get('train_psa', 0):.0f}"]
-        lines.append(f"| {name} | {VARIANTS.get(name, ('?',))[0]} | " + " | ".join(cells) + " |")
+        change = "configs/toy_psa.yaml (the demo)" if name == "demo" else VARIANTS[name][0]
+        lines.append(f"| {name} | {change} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -86,6 +92,7 @@ def main(argv=None) -> int:
             t0 = time.time()
             cmd = [sys.executable, "-m", "psa_adapter.demo", "--reuse", str(args.demo), "--out", str(out),
                    "--seed", str(args.seed), "--psa-overrides=" + " ".join(VARIANTS[name][1])]
+            cmd += [a.replace("{demo}", str(args.demo)) for a in (VARIANTS[name][2:] or [[]])[0]]
             print(f"[ablation] {name}: {' '.join(cmd)}", flush=True)
             proc = subprocess.run(cmd, cwd=REPO)
             if proc.returncode != 0:

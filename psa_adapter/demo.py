@@ -32,9 +32,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="extra train.py flags for PSA, one string, e.g. '--embed_norm none --sft_weight 0'")
     parser.add_argument("--reuse", type=Path, default=None,
                         help="a finished demo folder: reuse its world and baseline images, train and judge PSA only")
+    parser.add_argument("--psa-path", type=Path, default=None,
+                        help="use this trained adapter instead of training one (inference-only variants)")
+    parser.add_argument("--psa-scale", type=float, default=1.0, help="adapter scale at inference (default 1)")
     args = parser.parse_args(argv)
     settings = DemoSettings.quick(args.out, args.seed) if args.quick else DemoSettings(out=args.out, seed=args.seed)
-    for name in ("base", "judge", "psa_config"):
+    settings.psa_scale = args.psa_scale
+    for name in ("base", "judge", "psa_config", "psa_path"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name).resolve())
     settings.out = settings.out.resolve()

@@ -72,6 +72,8 @@ class DemoSettings:
     eval_seed: int = 2025
     methods: tuple[str, ...] = METHODS
     reuse: Path | None = None  # a finished demo folder: reuse its world and its non-PSA images (ablation runs)
+    psa_path: Path | None = None  # an already trained adapter: skip PSA training (inference-only variants)
+    psa_scale: float = 1.0  # adapter scale at inference (1 = the paper's)
     quiet: bool = False
 
     @classmethod
@@ -147,6 +149,8 @@ def _trained(method: str, folder: Path) -> bool:
 
 
 def train_dir(settings: DemoSettings, method: str) -> Path:
+    if method == "psa" and settings.psa_path is not None:
+        return settings.psa_path
     return settings.out / "train" / method
 
 
@@ -158,7 +162,9 @@ def stage_train(settings: DemoSettings, method: str) -> float:
     config = settings.psa_config if method == "psa" else settings.safetydpo_config
     overrides = settings.psa_overrides if method == "psa" else settings.safetydpo_overrides
     cmd = [sys.executable, REPO / "train.py", "--config", config, "--sd_model", settings.base,
-           "--train_data_dir", settings.world_dir, "--output_dir", folder, "--seed", str(settings.seed)]
+           "--train_data_dir", settings.world_dir, "--output_dir", folder, "--seed", str(settings.seed),
+           # One conditioning cache per world, shared by PSA, SafetyDPO and every ablation run (same images).
+           "--cache_dir", settings.world_dir / "train_cache"]
     if method == "psa":
         cmd += ["--embeds_folder", settings.world_dir / "users.safetensors"]
     _log(settings, f"[demo] training {method} ({config.name}) ...")
@@ -314,7 +320,8 @@ def stage_generate(settings: DemoSettings, method: str, plan: list[tuple[Path, l
             cmd += ["--lora_path", train_dir(settings, "safetydpo")]
         if method == "psa":
             store = "users.safetensors" if k == 0 else "levels.safetensors"
-            cmd += ["--psa_path", train_dir(settings, "psa"), "--embeds_folder", settings.world_dir / store]
+            cmd += ["--psa_path", train_dir(settings, "psa"), "--embeds_folder", settings.world_dir / store,
+                    "--psa_scale", str(settings.psa_scale)]
         _log(settings, f"[demo] generating {method} ({len(rows)} images, {csv_path.name}) ...")
         seconds += _run(settings, f"generate {method}", cmd,
                         settings.out / "logs" / f"generate_{method}_{csv_path.stem}.log")
@@ -465,24 +472,33 @@ def format_table(results: dict) -> str:
 def run_demo(settings: DemoSettings) -> dict:
     """All four stages; writes ``<out>/results.json`` and ``<out>/grid.png``; returns the results."""
     t_start = time.time()
-    timings = {}
     settings.out.mkdir(parents=True, exist_ok=True)
+    # Stage timings persist across resumed runs: a skipped stage keeps the time it took when it ran.
+    timings_path = settings.out / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+
+    def record(name: str, seconds: float) -> None:
+        if seconds > 0.05 or name not in timings:
+            timings[name] = round(seconds, 1)
+            atomic_write_text(timings_path, json.dumps(timings, indent=2))
+
     t0 = time.time()
     stage_world(settings)
-    timings["world"] = time.time() - t0
+    record("world", time.time() - t0)
     for method in ("psa", "safetydpo"):
         if method in settings.methods:
-            timings[f"train_{method}"] = stage_train(settings, method)
+            record(f"train_{method}", stage_train(settings, method))
     items = eval_items(settings)
     plan = generation_plan(settings, items)
     for method in settings.methods:
-        timings[f"generate_{method}"] = stage_generate(settings, method, plan[method])
+        record(f"generate_{method}", stage_generate(settings, method, plan[method]))
     t0 = time.time()
     results = evaluate(settings, items)
     write_grid(settings, items, settings.out / "grid.png")
-    timings["evaluate"] = time.time() - t0
-    timings["total"] = time.time() - t_start
-    results["timings_seconds"] = {k: round(v, 1) for k, v in timings.items()}
+    record("evaluate", time.time() - t0)
+    timings["this_run_total"] = round(time.time() - t_start, 1)
+    timings["stages_total"] = round(sum(v for k, v in timings.items() if not k.endswith("total")), 1)
+    results["timings_seconds"] = dict(timings)
     results["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(settings).items()
                            if k not in ("quiet",)}
     results["settings"]["n_images"] = {k: len(v) for k, v in items.items()}
@@ -501,7 +517,7 @@ def run_demo(settings: DemoSettings) -> dict:
     atomic_write_text(settings.out / "results.md", table + "\n")
     _log(settings, table)
     _log(settings, f"[demo] {settings.out / 'results.json'}, {settings.out / 'grid.png'}; "
-                   f"total {timings['total']:.0f} s: " + json.dumps(results["timings_seconds"]))
+                   f"this run {timings['this_run_total']:.0f} s; stages: " + json.dumps(timings))
     return results
 
 
