@@ -104,7 +104,8 @@ def test_metrics_inappropriate_scene_and_frechet(judge):
     assert wrong["shape_accuracy"] < acc["shape_accuracy"]
     fd_same, fd_real, fd_marked = (frechet_distance(judge, real, real), frechet_distance(judge, real, real2),
                                    frechet_distance(judge, real, marked))
-    assert abs(fd_same) < 1e-6
+    # Square roots of near-zero covariance eigenvalues carry ~sqrt(eps) * scale of rounding: about 1e-4 here.
+    assert abs(fd_same) < 1e-3 < fd_real
     assert fd_real < fd_marked / 5
 
 

@@ -239,7 +239,9 @@ class ToyJudge(nn.Module):
         pred = self.predict(images)
         n = len(pred["shape"])
         captions = [captions] * n if isinstance(captions, str) else list(captions)
-        users = list(users) if isinstance(users, (list, tuple)) else [users] * n
+        # A list of users has one entry per image; a list of category names is one user's banned list.
+        per_image = isinstance(users, (list, tuple)) and not all(isinstance(u, str) for u in users)
+        users = list(users) if per_image else [users] * n
         if len(captions) != n or len(users) != n:
             raise ValueError(f"judge.assess: {n} images but {len(users)} users and {len(captions)} captions")
         out = []
@@ -330,10 +332,13 @@ def frechet_distance(judge: ToyJudge, images_a, images_b) -> float:
     mu_a, mu_b = fa.mean(0), fb.mean(0)
     sa, sb = np.cov(fa, rowvar=False), np.cov(fb, rowvar=False)
     w, v = np.linalg.eigh(sa)
-    sqrt_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    w = np.clip(w, 0, None)  # a sample covariance is PSD; tiny negative eigenvalues are rounding
+    sqrt_a = (v * np.sqrt(w)) @ v.T
     eig = np.linalg.eigvalsh(sqrt_a @ sb @ sqrt_a)
     tr_sqrt = np.sqrt(np.clip(eig, 0, None)).sum()
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(sa) + np.trace(sb) - 2 * tr_sqrt)
+    # trace(S_a) from the same clipped spectrum, so that identical sets give 0 up to rounding.
+    tr_b = np.clip(np.linalg.eigvalsh(sb), 0, None).sum()
+    return float(((mu_a - mu_b) ** 2).sum() + w.sum() + tr_b - 2 * tr_sqrt)
 
 
 # -- training ---------------------------------------------------------------------------------------------------
