@@ -17,9 +17,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from psa_adapter.users.categories import CATEGORIES
+
 METADATA_NAME = "metadata.jsonl"
 SUMMARY_NAME = "summary.json"
-CATEGORIES = ("Hate", "Harassment", "Violence", "Self-Harm", "Sexuality", "Shocking", "Propaganda")
 #: SAGE file names spell categories in lowercase (``self-harm``).
 CATEGORY_BY_FILE_NAME = {c.lower(): c for c in CATEGORIES}
 IMAGE_NAME_RE = re.compile(r"^user_(\d{7})_([a-z-]+)_(.+)_(\d{5})_([su])\.jpg$")
