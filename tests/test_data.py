@@ -78,6 +78,20 @@ def test_validate_reports_rule_exceptions_and_missing_images(sage, tmp_path):
     assert validate_split(split_dir.parent, "train", check_images=False).ok
 
 
+def test_banned_lists_follow_a_user_id_column(tmp_path):
+    # Without User_ID, data row r is user r (the reference); with it, the column decides (ids with gaps).
+    plain = tmp_path / "plain.csv"
+    plain.write_text('Banned_Categories\n"[\'Hate\']"\n"[]"\n')
+    assert read_banned_lists(plain) == {"0000001": {"Hate"}, "0000002": set()}
+    with_ids = tmp_path / "ids.csv"
+    with_ids.write_text('User_ID,Banned_Categories\n0000007,"[\'Hate\']"\n0000003,"[\'Violence\']"\n')
+    assert read_banned_lists(with_ids) == {"0000007": {"Hate"}, "0000003": {"Violence"}}
+    twice = tmp_path / "twice.csv"
+    twice.write_text('User_ID,Banned_Categories\n0000007,"[]"\n0000007,"[]"\n')
+    with pytest.raises(ValueError, match=r"twice.csv: data row 2: user 0000007 appears twice"):
+        read_banned_lists(twice)
+
+
 def test_malformed_json_names_file_and_line(sage):
     split_dir, _ = sage
     _rewrite(split_dir, lambda lines: lines.__setitem__(2, lines[2][:-5]))

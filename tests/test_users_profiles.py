@@ -243,3 +243,14 @@ def test_unknown_level_lists_valid_names(tmp_path):
     assert level_names(custom) == ["strict"] and load_level("strict", custom).banned == ("Hate",)
     with pytest.raises(UnknownLevelError, match="valid levels in .*levels.yaml: strict"):
         load_level("L0", custom)
+
+
+def test_level_without_a_user_is_a_clear_error(tmp_path):
+    empty = write(tmp_path, "L0:\nL1:\n  user_id: '0000501'\n", "levels.yaml")
+    with pytest.raises(ProfileError, match=r"levels.yaml, level L0: expected a mapping of profile fields"):
+        load_level("L0", empty)
+    no_banned = write(tmp_path, "L0:\n  user_id: '0000501'\n  age: 5\n  age_group: children\n  gender: female\n"
+                                "  religion: None\n  physical_condition: healthy\n  mental_condition: healthy\n",
+                      "levels2.yaml")
+    with pytest.raises(ProfileError, match=r"levels2.yaml, level L0: a level needs a 'banned' list"):
+        load_level("L0", no_banned)

@@ -132,8 +132,9 @@ def read_metadata(path: str | Path) -> list[SageRecord]:
 
 
 def read_banned_lists(users_csv: str | Path) -> dict[str, set[str]]:
-    """Banned categories per user id from a reference ``users.csv`` (data row r is user ``f"{r:07d}"``).
+    """Banned categories per user id from a reference ``users.csv``.
 
+    Ids come from a ``User_ID`` column when there is one, else data row r is user ``f"{r:07d}"`` (the reference).
     A minimal reader for validation; the users package owns the full profile format.
     """
     users_csv = Path(users_csv)
@@ -142,6 +143,7 @@ def read_banned_lists(users_csv: str | Path) -> dict[str, set[str]]:
         reader = csv.DictReader(handle)
         if reader.fieldnames is None or "Banned_Categories" not in reader.fieldnames:
             raise ValueError(f"{users_csv}: expected a 'Banned_Categories' column, found {reader.fieldnames}")
+        has_id = "User_ID" in reader.fieldnames
         for row_number, row in enumerate(reader, start=1):
             where = f"{users_csv}: data row {row_number}"
             try:
@@ -152,7 +154,10 @@ def read_banned_lists(users_csv: str | Path) -> dict[str, set[str]]:
             unknown = [c for c in value if c not in CATEGORIES]
             if unknown:
                 raise ValueError(f"{where}: unknown categories {unknown} (known: {list(CATEGORIES)})")
-            banned[f"{row_number:07d}"] = set(value)
+            user_id = row["User_ID"].strip() if has_id else f"{row_number:07d}"
+            if user_id in banned:
+                raise ValueError(f"{where}: user {user_id} appears twice")
+            banned[user_id] = set(value)
     return banned
 
 
