@@ -51,6 +51,12 @@ VARIANTS = {
     "sft_std_beta500": ("+ sft 100 + standardize, K=4, beta 500",
                         ["--sft_weight", "100", "--embed_norm", "standardize", "--beta_dpo", "500",
                          "--num_tokens_user", "4"]),
+    "sft_std_k8_lr1e-3": ("+ sft + standardize, K=8, lr 1e-3",
+                          ["--sft_weight", "1000", "--embed_norm", "standardize", "--num_tokens_user", "8",
+                           "--learning_rate", "1e-3"]),
+    "oracle_k4": ("sft + standardize, K=4, oracle multi-hot banned-list embedding (diagnostic, not a method)",
+                  ["--sft_weight", "1000", "--embed_norm", "standardize", "--num_tokens_user", "4"],
+                  ["--encoder", "banned"]),
     "demo_scale3": ("demo adapter, psa_scale 3 at inference", [],
                     ["--psa-path", "{demo}/train/psa", "--psa-scale", "3"]),
 }

@@ -143,6 +143,20 @@ def test_llm_encoder_masked_mean_of_last_hidden_state(tiny_llm_encoder, levels):
 META = {"encoder_id": "test", "pooling": "masked_mean", "template_hash": "abc"}
 
 
+def test_banned_oracle_encoder_is_the_multi_hot_banned_list(tmp_path, levels):
+    enc = get_encoder("banned")
+    vecs = enc.encode([person(banned=("Self-Harm", "Shocking")), person(banned=()), levels[-1]])
+    assert vecs.dtype == np.float32 and vecs.shape == (3, 7) and enc.info["dim"] == 7
+    # CATEGORIES order: Hate, Harassment, Violence, Self-Harm, Sexuality, Shocking, Propaganda.
+    assert vecs[0].tolist() == [0, 0, 0, 1, 0, 1, 0] and vecs[1].tolist() == [0] * 7
+    assert vecs[2].sum() == len(levels[-1].banned)
+    store = build_store(enc, levels)
+    store.save(tmp_path / "oracle.safetensors")
+    assert EmbeddingStore.open(tmp_path / "oracle.safetensors").metadata["encoder_id"] == "banned-multihot"
+    with pytest.raises(ValueError, match="user 0000042: no banned list"):
+        enc.encode([person(banned=None)])
+
+
 def test_store_round_trip_and_lookup(tmp_path, sentence, levels):
     store = build_store(sentence, levels)
     assert store.dim == 384 and store.user_ids == sorted(p.user_id for p in levels)

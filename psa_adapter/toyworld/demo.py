@@ -74,6 +74,7 @@ class DemoSettings:
     reuse: Path | None = None  # a finished demo folder: reuse its world and its non-PSA images (ablation runs)
     psa_path: Path | None = None  # an already trained adapter: skip PSA training (inference-only variants)
     psa_scale: float = 1.0  # adapter scale at inference (1 = the paper's)
+    encoder: str = "sentence"  # user encoder for PSA: "sentence" (MiniLM statements) or "banned" (diagnostic oracle)
     quiet: bool = False
 
     @classmethod
@@ -142,6 +143,21 @@ def stage_world(settings: DemoSettings) -> None:
     build_store(encoder, list(level_profiles().values())).save(world / "levels.safetensors")
 
 
+def embeds_path(settings: DemoSettings, kind: str) -> Path:
+    """The embedding store of ``kind`` ("users" or "levels") for the demo's encoder; built on first use."""
+    if settings.encoder == "sentence":
+        return settings.world_dir / f"{kind}.safetensors"
+    path = settings.out / "embeds" / f"{kind}_{settings.encoder}.safetensors"
+    if not path.is_file():
+        from psa_adapter.users import build_store, get_encoder, read_users_csv
+
+        profiles = read_users_csv(settings.world_dir / "users.csv") if kind == "users" else \
+            list(level_profiles().values())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        build_store(get_encoder(settings.encoder), profiles).save(path)
+    return path
+
+
 # ------------------------------------------------------------------------------------------------- 2. train
 def _trained(method: str, folder: Path) -> bool:
     name = "pytorch_lora_weights.safetensors" if method == "safetydpo" else "psa_adapter.safetensors"
@@ -166,7 +182,7 @@ def stage_train(settings: DemoSettings, method: str) -> float:
            # One conditioning cache per world, shared by PSA, SafetyDPO and every ablation run (same images).
            "--cache_dir", settings.world_dir / "train_cache"]
     if method == "psa":
-        cmd += ["--embeds_folder", settings.world_dir / "users.safetensors"]
+        cmd += ["--embeds_folder", embeds_path(settings, "users")]
     _log(settings, f"[demo] training {method} ({config.name}) ...")
     seconds = _run(settings, f"train {method}", cmd + list(overrides), settings.out / "logs" / f"train_{method}.log")
     if not _trained(method, folder):
@@ -319,8 +335,8 @@ def stage_generate(settings: DemoSettings, method: str, plan: list[tuple[Path, l
         if method == "safetydpo":
             cmd += ["--lora_path", train_dir(settings, "safetydpo")]
         if method == "psa":
-            store = "users.safetensors" if k == 0 else "levels.safetensors"
-            cmd += ["--psa_path", train_dir(settings, "psa"), "--embeds_folder", settings.world_dir / store,
+            store = embeds_path(settings, "users" if k == 0 else "levels")
+            cmd += ["--psa_path", train_dir(settings, "psa"), "--embeds_folder", store,
                     "--psa_scale", str(settings.psa_scale)]
         _log(settings, f"[demo] generating {method} ({len(rows)} images, {csv_path.name}) ...")
         seconds += _run(settings, f"generate {method}", cmd,

@@ -60,6 +60,10 @@ def cmd_embed(args):
         kwargs = _llm_kwargs(args)
     elif args.gguf_file:
         raise ValueError("--gguf-file only applies to --encoder llm")
+    elif args.encoder == "banned":
+        if args.model or args.template:
+            raise ValueError("--encoder banned uses no model and no template (it encodes the banned list itself)")
+        kwargs = {}
     else:
         kwargs = {"device": args.device} | ({"model_dir": args.model} if args.model else {})
     if args.template:
@@ -139,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_assign)
 
     p = sub.add_parser("embed", help="build an embedding store from a users CSV with banned lists")
-    p.add_argument("--encoder", choices=("sentence", "llm"), default="sentence")
+    p.add_argument("--encoder", choices=("sentence", "llm", "banned"), default="sentence",
+                   help="banned: diagnostic multi-hot oracle of the banned list (not the paper's encoder)")
     p.add_argument("--users", required=True, help="users CSV with Banned_Categories")
     p.add_argument("--out", required=True, help="output .safetensors store")
     p.add_argument("--batch-size", type=int, default=None, help="users per forward pass (encoder default)")

@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from ._templates import load_template, profile_text_fields, template_hash
+from .categories import CATEGORIES, normalize_category
 from .profile import UserProfile
 
-ENCODER_NAMES = ("sentence", "llm")
+ENCODER_NAMES = ("sentence", "llm", "banned")
 _STATEMENT_FIELDS = {"user_id", "age", "age_group", "gender", "religion", "physical_condition", "mental_condition",
                      "categories", "banned", "allowed"}
 
@@ -172,10 +173,41 @@ class LLMEncoder(_MeanPoolEncoder):
         return self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
+class BannedSetEncoder:
+    """Diagnostic oracle, not the paper's encoder: the banned list itself as a multi-hot vector (one entry per
+    category, in ``CATEGORIES`` order). No text, no model. It tells apart what an adapter can learn from what a
+    text encoder lets it see: an adapter that personalises with these vectors but not with statement embeddings
+    is limited by the encoder. ``device`` is accepted and ignored (interface parity with the other encoders).
+    """
+
+    encoder_id = "banned-multihot"
+    pooling = "none"
+
+    def __init__(self, *, device: str = "cpu"):
+        self.dim = len(CATEGORIES)
+
+    @property
+    def info(self) -> dict:
+        return {"encoder_id": self.encoder_id, "pooling": self.pooling, "dim": self.dim, "template_hash": "none"}
+
+    def encode(self, profiles, *, batch_size: int | None = None, progress: bool = False) -> np.ndarray:
+        profiles = list(profiles)
+        out = np.zeros((len(profiles), self.dim), dtype=np.float32)
+        for i, p in enumerate(profiles):
+            if p.banned is None:
+                raise ValueError(f"user {p.user_id}: no banned list to encode; assign one with a policy first")
+            for c in p.banned:
+                out[i, CATEGORIES.index(normalize_category(c))] = 1.0
+        return out
+
+
 def get_encoder(name: str = "sentence", **kwargs):
-    """Build an encoder by name: "sentence" (default, offline MiniLM) or "llm" (see LLMEncoder)."""
+    """Build an encoder by name: "sentence" (default, offline MiniLM), "llm" (see LLMEncoder) or "banned" (the
+    diagnostic multi-hot oracle, see BannedSetEncoder)."""
     if name == "sentence":
         return SentenceEncoder(**kwargs)
     if name == "llm":
         return LLMEncoder(**kwargs)
+    if name == "banned":
+        return BannedSetEncoder(**kwargs)
     raise ValueError(f"unknown encoder {name!r}; expected one of {list(ENCODER_NAMES)}")
