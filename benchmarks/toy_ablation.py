@@ -25,7 +25,8 @@ from psa_adapter.utils import atomic_write_text  # noqa: E402
 
 # name -> (what changes, train.py flags on top of configs/toy_psa.yaml[, extra demo flags]). The first is the
 # faithful reference. The demo's own PSA row (configs/toy_psa.yaml as is) is listed as "demo".
-# "{demo}" in demo flags is replaced by the --demo folder (inference-only variants reuse its adapter).
+# "{demo}" / "{ablation}" in demo flags are replaced by the --demo / --out folders (inference-only variants reuse a
+# trained adapter).
 VARIANTS = {
     "faithful": ("paper design: DPO only, beta 5000, K=1, embed_norm none",
                  ["--sft_weight", "0", "--embed_norm", "none", "--num_tokens_user", "1"]),
@@ -57,6 +58,10 @@ VARIANTS = {
     "oracle_k4": ("sft + standardize, K=4, oracle multi-hot banned-list embedding (diagnostic, not a method)",
                   ["--sft_weight", "1000", "--embed_norm", "standardize", "--num_tokens_user", "4"],
                   ["--encoder", "banned"]),
+    "k8_lr1e-3_uncond_off": ("the sft_std_k8_lr1e-3 adapter, unconditional branch adapter-off (psa_uncond off)",
+                             [], ["--psa-path", "{ablation}/sft_std_k8_lr1e-3/train/psa", "--psa-uncond", "off"]),
+    "demo_uncond_off": ("demo adapter, unconditional branch adapter-off (psa_uncond off)", [],
+                        ["--psa-path", "{demo}/train/psa", "--psa-uncond", "off"]),
     "demo_scale3": ("demo adapter, psa_scale 3 at inference", [],
                     ["--psa-path", "{demo}/train/psa", "--psa-scale", "3"]),
 }
@@ -110,7 +115,8 @@ def main(argv=None) -> int:
             t0 = time.time()
             cmd = [sys.executable, "-m", "psa_adapter.demo", "--reuse", str(args.demo), "--out", str(out),
                    "--seed", str(args.seed), "--psa-overrides=" + " ".join(VARIANTS[name][1])]
-            cmd += [a.replace("{demo}", str(args.demo)) for a in (VARIANTS[name][2:] or [[]])[0]]
+            cmd += [a.replace("{demo}", str(args.demo)).replace("{ablation}", str(args.out))
+                    for a in (VARIANTS[name][2:] or [[]])[0]]
             print(f"[ablation] {name}: {' '.join(cmd)}", flush=True)
             proc = subprocess.run(cmd, cwd=REPO)
             if proc.returncode != 0:

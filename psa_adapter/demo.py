@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--psa-path", type=Path, default=None,
                         help="use this trained adapter instead of training one (inference-only variants)")
     parser.add_argument("--psa-scale", type=float, default=1.0, help="adapter scale at inference (default 1)")
+    parser.add_argument("--psa-uncond", choices=("null", "off"), default=None,
+                        help="unconditional branch of guidance: null = proj(0) (the paper's) or off (adapter off "
+                             "there, a named variant); default: the setting's")
     parser.add_argument("--encoder", choices=("sentence", "banned"), default="sentence",
                         help="PSA's user encoder: sentence (MiniLM statements, default) or banned (a diagnostic "
                              "multi-hot oracle of the banned list, not the paper's encoder)")
@@ -42,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = DemoSettings.quick(args.out, args.seed) if args.quick else DemoSettings(out=args.out, seed=args.seed)
     settings.psa_scale = args.psa_scale
     settings.encoder = args.encoder
+    if args.psa_uncond is not None:
+        settings.psa_uncond = args.psa_uncond
     for name in ("base", "judge", "psa_config", "psa_path"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name).resolve())

@@ -25,8 +25,8 @@ DEFAULT_SEED = 2025
 MANIFEST_NAME = "manifest.jsonl"
 CONFIG_NAME = "resolved_config.yaml"
 # Settings recorded per image; a resumed image made with other values is reported.
-_SETTING_KEYS = ("prompt", "user", "seed", "psa_scale", "guidance", "steps", "model", "adapter", "lora",
-                 "negative_prompt")
+_SETTING_KEYS = ("prompt", "user", "seed", "psa_scale", "psa_uncond", "guidance", "steps", "model", "adapter",
+                 "lora", "negative_prompt")
 
 
 class InferError(Exception):
@@ -395,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     psa.add_argument("--embeds_folder", help="user embeddings: a folder of <User_ID>.npy or an embedding store")
     psa.add_argument("--psa_scale", type=parse_scale, default=1.0,
                      help='adapter scale: a number, or JSON per block, e.g. \'{"down": 1, "up": 0.5}\'')
+    psa.add_argument("--psa_uncond", choices=("null", "off"), default="null",
+                     help="unconditional branch of guidance: null = proj(0) tokens (the paper's, default); off = "
+                          "zero tokens, the adapter is off there (a named variant)")
     psa.add_argument("--num_tokens", type=int, default=None,
                      help="expected user tokens K; checked against the adapter (default: the adapter's own)")
     model.add_argument("--lora_path", help="a LoRA in diffusers' format (pytorch_lora_weights.safetensors, e.g. the "
@@ -516,6 +519,7 @@ def run(args: argparse.Namespace) -> dict:
         return {
             "file": job.file_name, "index": job.index, "prompt": job.prompt, "user": job.user,
             "seed": job_seed(job), "psa_scale": args.psa_scale if args.load_psa else None,
+            "psa_uncond": args.psa_uncond if args.load_psa else None,
             "guidance": args.guidance, "steps": args.steps, "model": args.sd_model,
             "adapter": args.psa_path if args.load_psa else None, "lora": args.lora_path,
             "negative_prompt": job.negative_prompt,
@@ -562,6 +566,7 @@ def run(args: argparse.Namespace) -> dict:
                 images = generate(
                     pipe, [j.prompt for j in batch], [job_seed(j) for j in batch],
                     adapter=adapter, user_embeds=users.stack(batch) if adapter is not None else None,
+                    psa_uncond=args.psa_uncond,
                     negative_prompt=batch[0].negative_prompt, guidance_scale=args.guidance,
                     num_inference_steps=args.steps, height=args.height, width=args.width,
                 )

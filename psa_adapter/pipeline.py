@@ -122,10 +122,18 @@ def encode_conditioning(pipe, prompts: Sequence[str], negative_prompt: str | Non
     return Conditioning(embeds, negative_embeds if do_cfg else None)
 
 
+UNCOND_MODES = ("null", "off")
+
+
 @torch.no_grad()
-def add_user_tokens(cond: Conditioning, adapter: PSAAdapter, user_embeds: torch.Tensor) -> Conditioning:
-    """Append the user tokens of ``user_embeds`` (B, E) to the conditional embeddings and ``proj(0)`` to the
-    unconditional ones: (B, L, D) -> (B, L + K, D). The adapter must already sit on the pipeline's device."""
+def add_user_tokens(cond: Conditioning, adapter: PSAAdapter, user_embeds: torch.Tensor,
+                    uncond: str = "null") -> Conditioning:
+    """Append the user tokens of ``user_embeds`` (B, E) to the conditional embeddings and, to the unconditional
+    ones, ``proj(0)`` (``uncond="null"``, the paper's and the reference's) or zero tokens (``uncond="off"``, a named
+    variant: the user branch of a zero token has zero keys and values, so the unconditional pass is exactly the
+    base model's): (B, L, D) -> (B, L + K, D). The adapter must already sit on the pipeline's device."""
+    if uncond not in UNCOND_MODES:
+        raise ValueError(f"uncond must be one of {UNCOND_MODES}, got {uncond!r}")
     batch = cond.prompt_embeds.shape[0]
     if user_embeds.ndim != 2 or user_embeds.shape[0] != batch:
         raise ValueError(f"user_embeds must have shape ({batch}, E), one per prompt; got {tuple(user_embeds.shape)}")
@@ -134,7 +142,8 @@ def add_user_tokens(cond: Conditioning, adapter: PSAAdapter, user_embeds: torch.
     prompt_embeds = adapter.extend_hidden_states(cond.prompt_embeds, tokens.to(cond.prompt_embeds.device))
     negative = cond.negative_prompt_embeds
     if negative is not None:
-        negative = adapter.extend_hidden_states(negative, adapter.null_tokens(batch).to(negative.device))
+        null = adapter.null_tokens(batch) if uncond == "null" else torch.zeros_like(tokens)
+        negative = adapter.extend_hidden_states(negative, null.to(negative.device))
     return replace(cond, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative)
 
 
@@ -147,6 +156,7 @@ def generate(
     adapter: PSAAdapter | None = None,
     user_embeds: torch.Tensor | None = None,
     psa_scale: float | Mapping[str, float] | None = None,
+    psa_uncond: str = "null",
     negative_prompt: str | None = None,
     guidance_scale: float = 7.5,
     num_inference_steps: int = 50,
@@ -166,6 +176,8 @@ def generate(
         user_embeds: (B, E) user embeddings, one row per prompt; required with an adapter, never zeros for a
             missing user (the caller must fail instead).
         psa_scale: if given, ``adapter.set_scale(psa_scale)`` before generating (a float or a per-block dict).
+        psa_uncond: what the unconditional branch of guidance gets: ``"null"`` (``proj(0)``, the paper's) or
+            ``"off"`` (zero tokens: the adapter is off there; a named variant), see ``add_user_tokens``.
         negative_prompt: one negative prompt for every image (None: empty, diffusers' default).
         output_type: ``"pil"`` (list of B images), ``"np"`` ((B, H, W, 3) floats in [0, 1]) or ``"pt"``.
 
@@ -182,7 +194,7 @@ def generate(
             raise ValueError("an adapter needs user_embeds (B, E), one row per prompt")
         if psa_scale is not None:
             adapter.set_scale(psa_scale)
-        cond = add_user_tokens(cond, adapter, user_embeds)
+        cond = add_user_tokens(cond, adapter, user_embeds, uncond=psa_uncond)
     elif user_embeds is not None:
         raise ValueError("user_embeds were given without an adapter")
     result = pipe(
@@ -199,6 +211,7 @@ def generate(
 
 
 __all__ = [
+    "UNCOND_MODES",
     "Conditioning",
     "ModelLoadError",
     "add_user_tokens",

@@ -218,10 +218,18 @@ def test_zero_adapter_and_scale_zero_match_base_through_the_cli(assets, tmp_path
     assert main([*common, "--save_path", str(tmp_path / "zero"), "--psa_path", str(assets["zero_sd15"]), *psa]) == 0
     assert main([*common, "--save_path", str(tmp_path / "s0"), "--psa_path", str(assets["psa_sd15"]), *psa,
                  "--psa_scale", "0"]) == 0
+    # --psa_uncond off: the same conditional pass, another unconditional one; recorded in the manifest.
+    assert main([*common, "--save_path", str(tmp_path / "null"), "--psa_path", str(assets["psa_sd15"]), *psa]) == 0
+    assert main([*common, "--save_path", str(tmp_path / "off"), "--psa_path", str(assets["psa_sd15"]), *psa,
+                 "--psa_uncond", "off"]) == 0
+    assert {e["psa_uncond"] for e in _manifest(tmp_path / "off")} == {"off"}
+    assert {e["psa_uncond"] for e in _manifest(tmp_path / "null")} == {"null"}
+    assert _manifest(tmp_path / "base")[0]["psa_uncond"] is None
     for name in ("u1_cube.png", "u2_cube.png"):
         base = _pixels(tmp_path / "base" / name)
         assert np.array_equal(_pixels(tmp_path / "zero" / name), base)
         assert np.array_equal(_pixels(tmp_path / "s0" / name), base)
+        assert not np.array_equal(_pixels(tmp_path / "off" / name), _pixels(tmp_path / "null" / name))
 
 
 def test_users_give_different_images_and_batch_size_does_not_matter(assets, tmp_path):

@@ -127,6 +127,39 @@ def test_unconditional_branch_gets_null_tokens(pipe):
         assert extended.pooled_prompt_embeds is cond.pooled_prompt_embeds
 
 
+@pytest.mark.parametrize("num_tokens", [1, 3])
+def test_uncond_off_makes_the_unconditional_pass_the_base_models(pipe, attached, num_tokens):
+    adapter = attached(_adapter(pipe, num_tokens=num_tokens, random_branch=True))
+    with torch.no_grad():
+        adapter.user_proj.proj.bias.normal_(0, 1.0)  # proj(0) is far from zero: "null" and "off" must differ
+    cond = encode_conditioning(pipe, PROMPTS[:2], negative_prompt=None, do_cfg=True)
+    off = add_user_tokens(cond, adapter, _users(2), uncond="off")
+    null = add_user_tokens(cond, adapter, _users(2), uncond="null")
+    assert torch.equal(off.prompt_embeds, null.prompt_embeds)
+    length = cond.prompt_embeds.shape[1]
+    assert torch.count_nonzero(off.negative_prompt_embeds[:, length:]) == 0
+    # The UNet on the unconditional embeddings: "off" equals the base model, "null" does not.
+    latents = torch.randn(2, pipe.unet.config.in_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    extra = {}
+    if pipe.kind == "sdxl":
+        time_ids = torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]]).repeat(2, 1)
+        extra = {"added_cond_kwargs": {"text_embeds": cond.negative_pooled_prompt_embeds, "time_ids": time_ids}}
+
+    def unet(states):
+        with torch.no_grad():
+            return pipe.unet(latents, 10, encoder_hidden_states=states, **extra).sample
+
+    with_off = unet(off.negative_prompt_embeds)
+    with_null = unet(null.negative_prompt_embeds)
+    adapter.set_scale(0.0)  # the base processor on the text tokens only
+    base = unet(off.negative_prompt_embeds)
+    adapter.set_scale(1.0)
+    assert torch.allclose(with_off, base, atol=1e-6, rtol=0)
+    assert (with_null - base).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="uncond must be one of"):
+        add_user_tokens(cond, adapter, _users(2), uncond="zero")
+
+
 def test_negative_prompt_is_used(pipe):
     plain = _run(pipe)
     negative = _run(pipe, negative_prompt="blurry, low quality")

@@ -74,6 +74,7 @@ class DemoSettings:
     reuse: Path | None = None  # a finished demo folder: reuse its world and its non-PSA images (ablation runs)
     psa_path: Path | None = None  # an already trained adapter: skip PSA training (inference-only variants)
     psa_scale: float = 1.0  # adapter scale at inference (1 = the paper's)
+    psa_uncond: str = "null"  # unconditional branch: "null" = proj(0) (the paper's) or "off" (a named variant)
     encoder: str = "sentence"  # user encoder for PSA: "sentence" (MiniLM statements) or "banned" (diagnostic oracle)
     quiet: bool = False
 
@@ -337,7 +338,7 @@ def stage_generate(settings: DemoSettings, method: str, plan: list[tuple[Path, l
         if method == "psa":
             store = embeds_path(settings, "users" if k == 0 else "levels")
             cmd += ["--psa_path", train_dir(settings, "psa"), "--embeds_folder", store,
-                    "--psa_scale", str(settings.psa_scale)]
+                    "--psa_scale", str(settings.psa_scale), "--psa_uncond", settings.psa_uncond]
         _log(settings, f"[demo] generating {method} ({len(rows)} images, {csv_path.name}) ...")
         seconds += _run(settings, f"generate {method}", cmd,
                         settings.out / "logs" / f"generate_{method}_{csv_path.stem}.log")
