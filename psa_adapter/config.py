@@ -81,6 +81,12 @@ class TrainConfig:
         **_help("Weight of an added supervised term mean((eps_pol(w) - eps)^2). 0 = the paper's loss; "
                 "> 0 is the 'DPO + SFT' variant (about 1000 worked in the toy world)."),
     )
+    min_timestep: int = field(
+        default=0, **_help("Training timesteps are drawn uniformly from [min_timestep, max_timestep). 0 and null "
+                           "(the scheduler's num_train_timesteps) = every timestep, the paper's; a narrower range is "
+                           "the named variant 'timestep window'."),
+    )
+    max_timestep: int | None = field(default=None, **_help("Upper end (exclusive) of the training timesteps."))
 
     # ------------------------------------------------------------------------------------------- optimiser
     learning_rate: float = field(default=5e-6, **_help("Peak learning rate (reference: 5e-6)."))
@@ -185,6 +191,9 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 problems.append(f"{name} must be a positive integer or null, got {value!r}")
+        if self.min_timestep < 0 or (self.max_timestep is not None and self.max_timestep <= self.min_timestep):
+            problems.append(f"timesteps: need 0 <= min_timestep < max_timestep, got {self.min_timestep} and "
+                            f"{self.max_timestep}")
         if self.beta_dpo <= 0:
             problems.append(f"beta_dpo must be > 0, got {self.beta_dpo}")
         if self.sft_weight < 0:

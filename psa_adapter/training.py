@@ -258,11 +258,13 @@ def load_models(config: TrainConfig, device: torch.device, weight_dtype: torch.d
 
 
 # ------------------------------------------------------------------------------------------------ one batch
-def diffusion_inputs(batch: dict, models: Models, resolution: int, device: torch.device):
+def diffusion_inputs(batch: dict, models: Models, resolution: int, device: torch.device,
+                     timestep_range: tuple[int, int | None] = (0, None)):
     """Encode a collated batch and noise it. Returns (noisy (2B,C,h,w), timesteps (2B,), target (B,C,h,w),
     encoder_hidden_states (2B,S,D), user_embeds (2B,E) or None, added_cond_kwargs or None).
 
     One noise and one timestep per pair, shared by both images; every draw comes from the pair's own generator.
+    Timesteps are uniform in ``[lo, hi)`` of ``timestep_range`` (``hi`` None: the scheduler's number of steps).
     """
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
@@ -277,10 +279,13 @@ def diffusion_inputs(batch: dict, models: Models, resolution: int, device: torch
         hidden, pooled = text.encoder_hidden_states, text.pooled_text_embeds
     latent_shape = (moments.shape[1] // 2, *moments.shape[2:])  # moments hold mean and log-variance
     num_timesteps = models.noise_scheduler.config.num_train_timesteps
+    lo, hi = timestep_range[0], num_timesteps if timestep_range[1] is None else timestep_range[1]
+    if not 0 <= lo < hi <= num_timesteps:
+        raise ValueError(f"timestep range [{lo}, {hi}) is not inside the scheduler's [0, {num_timesteps})")
     timesteps, noise, z_w, z_l = [], [], [], []
     for seed in batch["noise_seed"].tolist():
         generator = torch.Generator().manual_seed(int(seed))
-        timesteps.append(torch.randint(0, num_timesteps, (1,), generator=generator))
+        timesteps.append(torch.randint(lo, hi, (1,), generator=generator))
         noise.append(torch.randn(latent_shape, generator=generator))
         z_w.append(torch.randn(latent_shape, generator=generator))
         z_l.append(torch.randn(latent_shape, generator=generator))
@@ -475,7 +480,7 @@ def train(config: TrainConfig) -> Path | None:
     for batch in dataloader if global_step < config.max_train_steps else ():
         with accelerator.accumulate(model):
             noisy, timesteps, target, hidden, user_embeds, added = diffusion_inputs(
-                batch, models, config.resolution, device
+                batch, models, config.resolution, device, (config.min_timestep, config.max_timestep)
             )
             policy_pred, ref_pred = model(noisy, timesteps, hidden, user_embeds, added)
             b = target.shape[0]

@@ -225,6 +225,14 @@ def test_cached_conditioning_gives_the_same_inputs_and_training(tiny, tmp_path):
     b = training.diffusion_inputs(collate([cached[k] for k in keys]), models, 32, torch.device("cpu"))
     for x, y in zip(a[:5], b[:5]):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+    # The full range is the default; a window restricts the draws; a window outside the scheduler is an error.
+    full = training.diffusion_inputs(collate([cached[k] for k in keys]), models, 32, torch.device("cpu"), (0, None))
+    assert torch.equal(full[1], b[1])
+    window = training.diffusion_inputs(collate([cached[k] for k in keys]), models, 32, torch.device("cpu"),
+                                       (100, 110))
+    assert ((window[1] >= 100) & (window[1] < 110)).all()
+    with pytest.raises(ValueError, match=r"timestep range \[0, 5000\) is not inside"):
+        training.diffusion_inputs(collate([cached[k] for k in keys]), models, 32, torch.device("cpu"), (0, 5000))
 
     training.train(_config(tiny, tmp_path / "plain", max_train_steps=2))
     training.train(_config(tiny, tmp_path / "cached", max_train_steps=2, cache_conditioning=True))
@@ -279,6 +287,8 @@ def test_yaml_then_flags_precedence_and_numbers_like_5e_6(tmp_path):
     ("sd_model: m\ntrain_data_dir: d\nembeds_folder: e\nmixed_precision: fp8\n", "mixed_precision must be one of"),
     ("sd_model: m\ntrain_data_dir: d\nproportion_empty_prompts: 1.5\n", "embeds_folder is required.*proportion"),
     ("sd_model: m\ntrain_data_dir: d\nembeds_folder: e\ntrain_batch_size: two\n", "train_batch_size must be int"),
+    ("sd_model: m\ntrain_data_dir: d\nembeds_folder: e\nmin_timestep: 700\nmax_timestep: 100\n",
+     "need 0 <= min_timestep < max_timestep, got 700 and 100"),
 ])
 def test_bad_configs_name_the_field(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
