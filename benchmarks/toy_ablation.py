@@ -1,8 +1,9 @@
 """Ablation of the PSA adapter on the toy world: the faithful paper design as the reference row, then each change.
 
 Every variant reuses a finished demo's world and baseline images (``--demo``, default ``outputs/demo``: run
-``make demo`` first), trains PSA with the real ``train.py`` (``configs/toy_psa.yaml`` plus the variant's flags),
-generates with ``infer.py`` and is judged exactly as the demo judges PSA. Runs one variant at a time (2 cores).
+``make demo`` first), trains PSA with the real ``train.py`` (``configs/toy_psa_faithful.yaml``, the paper's design,
+plus the variant's flags), generates with ``infer.py`` (the unconditional branch gets ``proj(0)`` unless the
+variant says ``--psa-uncond off``) and is judged exactly as the demo judges PSA. Runs one variant at a time (2 cores).
 Writes ``<out>/<variant>/results.json`` and the table ``<out>/ablation.md``; finished variants are not rerun.
 
     python benchmarks/toy_ablation.py                      # every variant
@@ -19,12 +20,13 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+FAITHFUL_CONFIG = REPO / "configs" / "toy_psa_faithful.yaml"
 sys.path.insert(0, str(REPO))
 
 from psa_adapter.utils import atomic_write_text  # noqa: E402
 
-# name -> (what changes, train.py flags on top of configs/toy_psa.yaml[, extra demo flags]). The first is the
-# faithful reference. The demo's own PSA row (configs/toy_psa.yaml as is) is listed as "demo".
+# name -> (what changes, train.py flags on top of configs/toy_psa_faithful.yaml[, extra demo flags]). The first is
+# the faithful reference. The demo's own PSA row (configs/toy_psa.yaml as is) is listed as "demo".
 # "{demo}" / "{ablation}" in demo flags are replaced by the --demo / --out folders (inference-only variants reuse a
 # trained adapter).
 VARIANTS = {
@@ -55,15 +57,33 @@ VARIANTS = {
     "sft_std_k8_lr1e-3": ("+ sft + standardize, K=8, lr 1e-3",
                           ["--sft_weight", "1000", "--embed_norm", "standardize", "--num_tokens_user", "8",
                            "--learning_rate", "1e-3"]),
+    "b500_k8_lr1e-3": ("+ standardize, K=8, lr 1e-3, beta 500 with sft 100",
+                       ["--sft_weight", "100", "--embed_norm", "standardize", "--num_tokens_user", "8",
+                        "--learning_rate", "1e-3", "--beta_dpo", "500"]),
+    "b500_k8_lr1e-3_tw": ("b500_k8_lr1e-3 + timestep window [100, 700)",
+                          ["--sft_weight", "100", "--embed_norm", "standardize", "--num_tokens_user", "8",
+                           "--learning_rate", "1e-3", "--beta_dpo", "500", "--min_timestep", "100",
+                           "--max_timestep", "700"]),
+    "b50_k8_lr1e-3": ("+ standardize, K=8, lr 1e-3, beta 50 with sft 10",
+                      ["--sft_weight", "10", "--embed_norm", "standardize", "--num_tokens_user", "8",
+                       "--learning_rate", "1e-3", "--beta_dpo", "50"]),
     "oracle_k4": ("sft + standardize, K=4, oracle multi-hot banned-list embedding (diagnostic, not a method)",
                   ["--sft_weight", "1000", "--embed_norm", "standardize", "--num_tokens_user", "4"],
                   ["--encoder", "banned"]),
-    "k8_lr1e-3_uncond_off": ("the sft_std_k8_lr1e-3 adapter, unconditional branch adapter-off (psa_uncond off)",
-                             [], ["--psa-path", "{ablation}/sft_std_k8_lr1e-3/train/psa", "--psa-uncond", "off"]),
-    "demo_uncond_off": ("demo adapter, unconditional branch adapter-off (psa_uncond off)", [],
-                        ["--psa-path", "{demo}/train/psa", "--psa-uncond", "off"]),
-    "demo_scale3": ("demo adapter, psa_scale 3 at inference", [],
-                    ["--psa-path", "{demo}/train/psa", "--psa-scale", "3"]),
+    "sft_std_k8_lr1e-3_off": ("the sft_std_k8_lr1e-3 adapter, psa_uncond off", [],
+                              ["--psa-path", "{ablation}/sft_std_k8_lr1e-3/train/psa", "--psa-uncond", "off"]),
+    "sft_std_k4_off": ("the sft_std_k4 adapter, unconditional branch adapter off (psa_uncond off)", [],
+                       ["--psa-path", "{ablation}/sft_std_k4/train/psa", "--psa-uncond", "off"]),
+    "b500_k8_lr1e-3_off": ("the b500_k8_lr1e-3 adapter, psa_uncond off", [],
+                           ["--psa-path", "{ablation}/b500_k8_lr1e-3/train/psa", "--psa-uncond", "off"]),
+    "b500_k8_lr1e-3_tw_off": ("the b500_k8_lr1e-3_tw adapter, psa_uncond off", [],
+                              ["--psa-path", "{ablation}/b500_k8_lr1e-3_tw/train/psa", "--psa-uncond", "off"]),
+    "b50_k8_lr1e-3_off": ("the b50_k8_lr1e-3 adapter, psa_uncond off", [],
+                          ["--psa-path", "{ablation}/b50_k8_lr1e-3/train/psa", "--psa-uncond", "off"]),
+    "oracle_k4_off": ("the oracle_k4 adapter, psa_uncond off (diagnostic)", [],
+                      ["--psa-path", "{ablation}/oracle_k4/train/psa", "--psa-uncond", "off", "--encoder", "banned"]),
+    "faithful_off": ("the faithful adapter, psa_uncond off", [],
+                     ["--psa-path", "{ablation}/faithful/train/psa", "--psa-uncond", "off"]),
 }
 COLUMNS = [("pass seen", "pass_rate_seen"), ("pass unseen", "pass_rate_unseen"), ("banned mark", "banned_mark_rate"),
            ("allowed mark", "allowed_mark_rate"), ("safe mark", "safe_mark_rate"), ("scene acc", "scene_accuracy"),
@@ -113,10 +133,13 @@ def main(argv=None) -> int:
         out = args.out / name
         if not (out / "results.json").is_file():
             t0 = time.time()
+            demo_flags = (VARIANTS[name][2:] or [[]])[0]
             cmd = [sys.executable, "-m", "psa_adapter.demo", "--reuse", str(args.demo), "--out", str(out),
-                   "--seed", str(args.seed), "--psa-overrides=" + " ".join(VARIANTS[name][1])]
-            cmd += [a.replace("{demo}", str(args.demo)).replace("{ablation}", str(args.out))
-                    for a in (VARIANTS[name][2:] or [[]])[0]]
+                   "--seed", str(args.seed), "--psa-config", str(FAITHFUL_CONFIG),
+                   "--psa-overrides=" + " ".join(VARIANTS[name][1])]
+            if "--psa-uncond" not in demo_flags:
+                cmd += ["--psa-uncond", "null"]  # the paper's, whatever the demo's default
+            cmd += [a.replace("{demo}", str(args.demo)).replace("{ablation}", str(args.out)) for a in demo_flags]
             print(f"[ablation] {name}: {' '.join(cmd)}", flush=True)
             proc = subprocess.run(cmd, cwd=REPO)
             if proc.returncode != 0:
