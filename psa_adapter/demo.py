@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="use this trained adapter instead of training one (inference-only variants)")
     parser.add_argument("--psa-scale", type=float, default=1.0, help="adapter scale at inference (default 1)")
     parser.add_argument("--psa-uncond", choices=("null", "off"), default=None,
-                        help="unconditional branch of guidance: null = proj(0) (the paper's) or off (adapter off "
-                             "there, a named variant); default: the setting's")
+                        help="unconditional branch of guidance: off = zero tokens, the adapter is off there (the "
+                             "demo's default, a named variant) or null = proj(0) (the paper's)")
     parser.add_argument("--encoder", choices=("sentence", "banned"), default="sentence",
                         help="PSA's user encoder: sentence (MiniLM statements, default) or banned (a diagnostic "
                              "multi-hot oracle of the banned list, not the paper's encoder)")

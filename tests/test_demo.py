@@ -139,6 +139,10 @@ def test_quick_demo_runs_train_infer_judge_end_to_end(toy_models, tmp_path):
     assert (out / "train" / "psa" / "psa_adapter.safetensors").is_file()
     assert (out / "train" / "safetydpo" / "pytorch_lora_weights.safetensors").is_file()
     assert (out / "gen" / "prompt" / "manifest.jsonl").is_file()
+    # The demo's named inference variant: the adapter is off in the unconditional branch of guidance.
+    psa_manifest = [json.loads(line) for line in (out / "gen" / "psa" / "manifest.jsonl").read_text().splitlines()]
+    assert {e["psa_uncond"] for e in psa_manifest} == {"off"}
+    assert results["settings"]["psa_uncond"] == "off"
     # Resume: a second run skips every stage and gives the same figures.
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -74,7 +74,9 @@ class DemoSettings:
     reuse: Path | None = None  # a finished demo folder: reuse its world and its non-PSA images (ablation runs)
     psa_path: Path | None = None  # an already trained adapter: skip PSA training (inference-only variants)
     psa_scale: float = 1.0  # adapter scale at inference (1 = the paper's)
-    psa_uncond: str = "null"  # unconditional branch: "null" = proj(0) (the paper's) or "off" (a named variant)
+    # Unconditional branch of guidance: "off" (zero tokens, the adapter is off there; the demo's named variant, the
+    # ablation's best) or "null" (proj(0), the paper's: its untrained user branch shifts the unconditional pass).
+    psa_uncond: str = "off"
     encoder: str = "sentence"  # user encoder for PSA: "sentence" (MiniLM statements) or "banned" (diagnostic oracle)
     quiet: bool = False
 
