@@ -36,6 +36,12 @@ def test_sample_assign_embed_pipeline(tmp_path, capsys):
     assert "embed (" in err  # progress bar
     opened = EmbeddingStore.open(store)
     assert opened.user_ids == [f"{i:07d}" for i in range(1, 13)] and opened["0000012"].shape == (384,)
+    # The diagnostic oracle: the banned list as a multi-hot vector, no model.
+    rc, out, _ = run(capsys, "embed", "--encoder", "banned", "--users", labelled, "--out", tmp_path / "o.safetensors")
+    assert rc == 0 and "wrote 12 embeddings (dim 7, banned-multihot)" in out
+    oracle = EmbeddingStore.open(tmp_path / "o.safetensors")
+    assert [oracle[p.user_id].sum() for p in read_users_csv(labelled)] == [len(p.banned) for p in
+                                                                          read_users_csv(labelled)]
     # Embedding a file without banned lists says what to do.
     rc, _, err = run(capsys, "embed", "--users", users, "--out", tmp_path / "x.safetensors")
     assert rc == 2 and "user 0000001 has no banned list; assign one first" in err

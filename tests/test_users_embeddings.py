@@ -153,7 +153,7 @@ def test_banned_oracle_encoder_is_the_multi_hot_banned_list(tmp_path, levels):
     store = build_store(enc, levels)
     store.save(tmp_path / "oracle.safetensors")
     assert EmbeddingStore.open(tmp_path / "oracle.safetensors").metadata["encoder_id"] == "banned-multihot"
-    with pytest.raises(ValueError, match="user 0000042: no banned list"):
+    with pytest.raises(ValueError, match="user 0000042 has no banned list; assign one first"):
         enc.encode([person(banned=None)])
 
 

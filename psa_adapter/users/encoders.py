@@ -195,7 +195,7 @@ class BannedSetEncoder:
         out = np.zeros((len(profiles), self.dim), dtype=np.float32)
         for i, p in enumerate(profiles):
             if p.banned is None:
-                raise ValueError(f"user {p.user_id}: no banned list to encode; assign one with a policy first")
+                profile_text_fields(p, need_banned=True)  # raises the package's message: assign a banned list first
             for c in p.banned:
                 out[i, CATEGORIES.index(normalize_category(c))] = 1.0
         return out
