@@ -29,6 +29,9 @@ from psa_adapter.utils import atomic_write_text  # noqa: E402
 # the faithful reference. The demo's own PSA row (configs/toy_psa.yaml as is) is listed as "demo".
 # "{demo}" / "{ablation}" in demo flags are replaced by the --demo / --out folders (inference-only variants reuse a
 # trained adapter).
+# K=8, lr 1e-3, beta 500 with the supervised weight scaled alongside, standardize: the demo's training setting.
+B500_K8 = ["--sft_weight", "100", "--embed_norm", "standardize", "--num_tokens_user", "8", "--learning_rate", "1e-3",
+           "--beta_dpo", "500"]
 VARIANTS = {
     "faithful": ("paper design: DPO only, beta 5000, K=1, embed_norm none",
                  ["--sft_weight", "0", "--embed_norm", "none", "--num_tokens_user", "1"]),
@@ -57,19 +60,14 @@ VARIANTS = {
     "sft_std_k8_lr1e-3": ("+ sft + standardize, K=8, lr 1e-3",
                           ["--sft_weight", "1000", "--embed_norm", "standardize", "--num_tokens_user", "8",
                            "--learning_rate", "1e-3"]),
-    "b500_k8_lr1e-3": ("+ standardize, K=8, lr 1e-3, beta 500 with sft 100",
-                       ["--sft_weight", "100", "--embed_norm", "standardize", "--num_tokens_user", "8",
-                        "--learning_rate", "1e-3", "--beta_dpo", "500"]),
+    "b500_k8_lr1e-3": ("+ standardize, K=8, lr 1e-3, beta 500 with sft 100", B500_K8),
     "b500_k8_lr1e-3_tw": ("b500_k8_lr1e-3 + timestep window [100, 700)",
-                          ["--sft_weight", "100", "--embed_norm", "standardize", "--num_tokens_user", "8",
-                           "--learning_rate", "1e-3", "--beta_dpo", "500", "--min_timestep", "100",
-                           "--max_timestep", "700"]),
+                          B500_K8 + ["--min_timestep", "100", "--max_timestep", "700"]),
     "b50_k8_lr1e-3": ("+ standardize, K=8, lr 1e-3, beta 50 with sft 10",
                       ["--sft_weight", "10", "--embed_norm", "standardize", "--num_tokens_user", "8",
                        "--learning_rate", "1e-3", "--beta_dpo", "50"]),
     "demo_setting": ("configs/toy_psa.yaml's setting trained here (for --seed runs): b500_k8_lr1e-3 + uncond off",
-                     ["--sft_weight", "100", "--embed_norm", "standardize", "--num_tokens_user", "8",
-                      "--learning_rate", "1e-3", "--beta_dpo", "500"], ["--psa-uncond", "off"]),
+                     B500_K8, ["--psa-uncond", "off"]),
     "oracle_k4": ("sft + standardize, K=4, oracle multi-hot banned-list embedding (diagnostic, not a method)",
                   ["--sft_weight", "1000", "--embed_norm", "standardize", "--num_tokens_user", "4"],
                   ["--encoder", "banned"]),
