@@ -71,27 +71,19 @@ VARIANTS = {
     "oracle_k4": ("sft + standardize, K=4, oracle multi-hot banned-list embedding (diagnostic, not a method)",
                   ["--sft_weight", "1000", "--embed_norm", "standardize", "--num_tokens_user", "4"],
                   ["--encoder", "banned"]),
-    "sft_std_k8_lr1e-3_off": ("the sft_std_k8_lr1e-3 adapter, psa_uncond off", [],
-                              ["--psa-path", "{ablation}/sft_std_k8_lr1e-3/train/psa", "--psa-uncond", "off"]),
-    "sft_std_k4_off": ("the sft_std_k4 adapter, unconditional branch adapter off (psa_uncond off)", [],
-                       ["--psa-path", "{ablation}/sft_std_k4/train/psa", "--psa-uncond", "off"]),
-    "b500_k8_lr1e-3_off": ("the b500_k8_lr1e-3 adapter, psa_uncond off", [],
-                           ["--psa-path", "{ablation}/b500_k8_lr1e-3/train/psa", "--psa-uncond", "off"]),
-    "b500_k8_lr1e-3_tw_off": ("the b500_k8_lr1e-3_tw adapter, psa_uncond off", [],
-                              ["--psa-path", "{ablation}/b500_k8_lr1e-3_tw/train/psa", "--psa-uncond", "off"]),
-    "b50_k8_lr1e-3_off": ("the b50_k8_lr1e-3 adapter, psa_uncond off", [],
-                          ["--psa-path", "{ablation}/b50_k8_lr1e-3/train/psa", "--psa-uncond", "off"]),
-    "b500_k8_lr1e-3_off_s1.5": ("the b500_k8_lr1e-3 adapter, psa_uncond off, psa_scale 1.5", [],
-                                ["--psa-path", "{ablation}/b500_k8_lr1e-3/train/psa", "--psa-uncond", "off",
-                                 "--psa-scale", "1.5"]),
     "b200_k8_lr1e-3_off": ("+ standardize, K=8, lr 1e-3, beta 200 with sft 40; psa_uncond off",
                            ["--sft_weight", "40", "--embed_norm", "standardize", "--num_tokens_user", "8",
                             "--learning_rate", "1e-3", "--beta_dpo", "200"], ["--psa-uncond", "off"]),
-    "oracle_k4_off": ("the oracle_k4 adapter, psa_uncond off (diagnostic)", [],
-                      ["--psa-path", "{ablation}/oracle_k4/train/psa", "--psa-uncond", "off", "--encoder", "banned"]),
-    "faithful_off": ("the faithful adapter, psa_uncond off", [],
-                     ["--psa-path", "{ablation}/faithful/train/psa", "--psa-uncond", "off"]),
 }
+# Inference-only rows: a trained variant's adapter with the unconditional branch off (plus extra demo flags).
+for _trained, _extra, _note in (("faithful", [], ""), ("sft_std_k4", [], ""), ("sft_std_k8_lr1e-3", [], ""),
+                                ("b500_k8_lr1e-3", [], ""), ("b500_k8_lr1e-3_tw", [], ""), ("b50_k8_lr1e-3", [], ""),
+                                ("oracle_k4", ["--encoder", "banned"], " (diagnostic)")):
+    VARIANTS[f"{_trained}_off"] = (f"the {_trained} adapter, psa_uncond off{_note}", [],
+                                   ["--psa-path", f"{{ablation}}/{_trained}/train/psa", "--psa-uncond", "off",
+                                    *_extra])
+VARIANTS["b500_k8_lr1e-3_off_s1.5"] = ("the b500_k8_lr1e-3 adapter, psa_uncond off, psa_scale 1.5", [],
+                                       VARIANTS["b500_k8_lr1e-3_off"][2] + ["--psa-scale", "1.5"])
 COLUMNS = [("pass seen", "pass_rate_seen"), ("pass unseen", "pass_rate_unseen"), ("banned mark", "banned_mark_rate"),
            ("allowed mark", "allowed_mark_rate"), ("safe mark", "safe_mark_rate"), ("scene acc", "scene_accuracy"),
            ("FID", "fid"), ("win vs base", "win_rate_vs_base"), ("win vs SafetyDPO", "win_rate_vs_safetydpo")]

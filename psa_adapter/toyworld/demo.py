@@ -130,10 +130,20 @@ def level_profiles() -> dict[str, object]:
     return {name: load_level(name) for name in LEVELS}
 
 
+def _write_store(settings: DemoSettings, encoder, kind: str, path: Path) -> None:
+    """Embed the world's users (``kind="users"``) or the level users (``"levels"``) with ``encoder`` into ``path``."""
+    from psa_adapter.users import build_store, read_users_csv
+
+    profiles = read_users_csv(settings.world_dir / "users.csv") if kind == "users" else \
+        list(level_profiles().values())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    build_store(encoder, profiles).save(path)
+
+
 def stage_world(settings: DemoSettings) -> None:
     """The toy SAGE data set plus ``users.safetensors`` (its users) and ``levels.safetensors`` (the level users)."""
     from psa_adapter.toyworld.sage import make_toyworld
-    from psa_adapter.users import build_store, get_encoder, read_users_csv
+    from psa_adapter.users import get_encoder
 
     world = settings.world_dir
     if (world / "manifest.json").is_file() and (world / "levels.safetensors").is_file():
@@ -142,8 +152,8 @@ def stage_world(settings: DemoSettings) -> None:
                   n_test_seen=settings.n_test_seen, n_test_unseen=settings.n_test_unseen, unseen=settings.unseen,
                   n_benign=settings.n_benign, n_unsafe=7 * settings.n_unsafe_per_category * 4)
     encoder = get_encoder("sentence")
-    build_store(encoder, read_users_csv(world / "users.csv")).save(world / "users.safetensors")
-    build_store(encoder, list(level_profiles().values())).save(world / "levels.safetensors")
+    for kind in ("users", "levels"):
+        _write_store(settings, encoder, kind, world / f"{kind}.safetensors")
 
 
 def embeds_path(settings: DemoSettings, kind: str) -> Path:
@@ -152,12 +162,9 @@ def embeds_path(settings: DemoSettings, kind: str) -> Path:
         return settings.world_dir / f"{kind}.safetensors"
     path = settings.out / "embeds" / f"{kind}_{settings.encoder}.safetensors"
     if not path.is_file():
-        from psa_adapter.users import build_store, get_encoder, read_users_csv
+        from psa_adapter.users import get_encoder
 
-        profiles = read_users_csv(settings.world_dir / "users.csv") if kind == "users" else \
-            list(level_profiles().values())
-        path.parent.mkdir(parents=True, exist_ok=True)
-        build_store(get_encoder(settings.encoder), profiles).save(path)
+        _write_store(settings, get_encoder(settings.encoder), kind, path)
     return path
 
 
