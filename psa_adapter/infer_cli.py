@@ -25,8 +25,8 @@ DEFAULT_SEED = 2025
 MANIFEST_NAME = "manifest.jsonl"
 CONFIG_NAME = "resolved_config.yaml"
 # Settings recorded per image; a resumed image made with other values is reported.
-_SETTING_KEYS = ("prompt", "user", "seed", "psa_scale", "psa_uncond", "guidance", "steps", "model", "adapter",
-                 "lora", "negative_prompt")
+_SETTING_KEYS = ("prompt", "user", "seed", "method", "psa_scale", "psa_uncond", "guidance", "steps", "model",
+                 "adapter", "lora", "negative_prompt")
 
 
 class InferError(Exception):
@@ -381,6 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
     usr.add_argument("--level", help="strictness preset L0 (bans nothing) .. L5 (bans all seven categories)")
     usr.add_argument("--profile", help="a user profile file, embedded with the adapter's encoder")
 
+    from psa_adapter.methods import method_names
+
+    parser.add_argument("--method", choices=method_names(), default=None,
+                        help="generation method (default: psa when --psa_path is given, otherwise base); every method "
+                             "gets the same prompts, seeds, steps, guidance and negative prompt")
+
     model = parser.add_argument_group("model")
     model.add_argument("--sd_model", default="runwayml/stable-diffusion-v1-5",
                        help="diffusers pipeline folder or hub id (SD1.5 or SDXL, detected from the UNet config)")
@@ -421,10 +427,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if args.psa_path:
-        args.load_psa = True
-    if args.load_psa and not args.psa_path:
-        parser.error("--load_psa needs --psa_path")
+    if args.method is None:
+        args.method = "psa" if (args.psa_path or args.load_psa) else "base"
+    if args.psa_path and args.method != "psa":
+        parser.error(f"--psa_path is an adapter for --method psa, not --method {args.method}")
+    if args.method == "psa" and not args.psa_path:
+        parser.error(f"{'--load_psa' if args.load_psa else '--method psa'} needs --psa_path")
+    args.load_psa = args.method == "psa"
     for name in ("num_images", "batch_size", "steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
@@ -489,8 +498,15 @@ def run(args: argparse.Namespace) -> dict:
     save_path = Path(args.save_path)
     jobs = load_jobs(args)
     renamed = dedupe_file_names(jobs)
+    from psa_adapter.methods import MethodError, get_method
+
+    try:
+        method = get_method(args.method)(args)
+        method.validate(jobs)
+    except MethodError as err:
+        raise InferError(str(err)) from err
     users = None
-    if args.load_psa:
+    if method.needs_user:
         missing = [j for j in jobs if not j.user]
         if missing:
             raise InferError(f"{missing[0].where}: prompt has no user; give --user_id, --level or --profile, or a "
@@ -502,26 +518,27 @@ def run(args: argparse.Namespace) -> dict:
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    from psa_adapter.pipeline import ModelLoadError, default_dtype, generate, load_pipeline
+    from psa_adapter.pipeline import ModelLoadError, default_dtype, load_pipeline
 
     # cpu=True lets several CPU processes (torchrun, or `accelerate launch --multi_gpu` without GPUs) shard too.
     state = PartialState(cpu=not torch.cuda.is_available())
     rank, world = state.process_index, state.num_processes
     if renamed and state.is_main_process:
         print(f"note: {renamed} repeated file names got a _<k> suffix", file=sys.stderr)
-    if not args.load_psa and state.is_main_process and any(j.user for j in jobs):
-        print("note: no adapter (--load_psa): users are recorded in the manifest but not used", file=sys.stderr)
+    if not method.needs_user and state.is_main_process and any(j.user for j in jobs):
+        print(f"note: --method {method.name} does not use users: they are recorded in the manifest only",
+              file=sys.stderr)
 
     def job_seed(job: Job) -> int:
         return job.seed if job.seed is not None else args.seed + job.index
 
+    method_settings = {"psa_scale": None, "psa_uncond": None, "adapter": None, "lora": None, **method.settings()}
+
     def settings_for(job: Job) -> dict:
         return {
             "file": job.file_name, "index": job.index, "prompt": job.prompt, "user": job.user,
-            "seed": job_seed(job), "psa_scale": args.psa_scale if args.load_psa else None,
-            "psa_uncond": args.psa_uncond if args.load_psa else None,
+            "seed": job_seed(job), **method_settings,
             "guidance": args.guidance, "steps": args.steps, "model": args.sd_model,
-            "adapter": args.psa_path if args.load_psa else None, "lora": args.lora_path,
             "negative_prompt": job.negative_prompt,
         }
 
@@ -546,27 +563,17 @@ def run(args: argparse.Namespace) -> dict:
         if args.sdxl and not is_sdxl_unet(pipe.unet) and state.is_main_process:
             print(f"note: --sdxl given but {args.sd_model} is not an SDXL model; generating with its own pipeline",
                   file=sys.stderr)
-        if args.lora_path:
-            if not Path(args.lora_path).exists():
-                raise InferError(f"--lora_path not found: {args.lora_path}")
-            pipe.load_lora_weights(args.lora_path)
-        adapter = None
-        if args.load_psa:
-            adapter = _load_adapter(args, pipe.unet)
-            users.load_presets(jobs, adapter, args.psa_path)
-            users.check_dim(adapter.config.embed_dim, args.psa_path)
-            adapter.to(state.device).eval()
-            adapter.attach(pipe.unet)
-            adapter.set_scale(args.psa_scale)
+        try:
+            method.prepare(pipe, jobs, users)
+        except MethodError as err:
+            raise InferError(str(err)) from err
 
         bar = tqdm(total=len(my_jobs), initial=len(my_jobs) - len(todo), unit="img", disable=not state.is_main_process,
                    desc=f"generating (process 0 of {world})" if world > 1 else "generating")
         with _part_path(save_path, rank).open("a", encoding="utf-8") as part:
             for batch in _batches(todo, args.batch_size):
-                images = generate(
-                    pipe, [j.prompt for j in batch], [job_seed(j) for j in batch],
-                    adapter=adapter, user_embeds=users.stack(batch) if adapter is not None else None,
-                    psa_uncond=args.psa_uncond,
+                images = method.generate(
+                    pipe, batch, [job_seed(j) for j in batch],
                     negative_prompt=batch[0].negative_prompt, guidance_scale=args.guidance,
                     num_inference_steps=args.steps, height=args.height, width=args.width,
                 )
@@ -590,21 +597,6 @@ def run(args: argparse.Namespace) -> dict:
               f"skipped {counts['skipped']} existing); manifest: {save_path / MANIFEST_NAME} ({written} entries)",
               file=sys.stderr)
     return counts
-
-
-def _load_adapter(args: argparse.Namespace, unet):
-    from psa_adapter.adapter import AdapterMismatchError, PSAAdapter
-
-    path = args.psa_path
-    try:
-        adapter = PSAAdapter.from_pretrained(path, unet=unet)
-    except (AdapterMismatchError, FileNotFoundError, OSError, ValueError, KeyError) as err:
-        message = str(err)
-        raise InferError(message if str(path) in message else f"PSA adapter {path}: {message}") from err
-    if args.num_tokens is not None and args.num_tokens != adapter.config.num_tokens:
-        raise InferError(f"--num_tokens {args.num_tokens} but the adapter {path} has "
-                         f"{adapter.config.num_tokens} user tokens")
-    return adapter
 
 
 def main(argv: Sequence[str | os.PathLike] | None = None) -> int:

@@ -1,0 +1,1 @@
+"""``python -m evaluation.judge ...``: the LLM judge (``psa_adapter.evaluation.judge``)."""
