@@ -169,6 +169,22 @@ def test_missing_embedding_and_missing_image_fail_at_construction(sage, tmp_path
         SageDataset(split_dir.parent, "train", embeddings=open_embedding_store(embeds))
 
 
+def test_dataset_reads_the_split_folder_or_the_sage_root(sage, tmp_path):
+    split_dir, embeds = sage
+    store = open_embedding_store(embeds)
+    by_root = SageDataset(split_dir.parent, "train", embeddings=store, check_images=False)
+    # The reference's form: --train_data_dir ./data/sage/train, the folder that holds metadata.jsonl.
+    by_split = SageDataset(split_dir, "train", embeddings=store, check_images=False)
+    assert by_root.split_dir == by_split.split_dir == split_dir
+    assert by_root.records == by_split.records and by_root.identity() == by_split.identity()
+    assert by_root.identity()["records"] == 16 and len(by_root.identity()["sha256"]) == 64
+    nowhere = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError) as err:
+        SageDataset(nowhere, "train", embeddings=store)
+    assert f"neither {nowhere / 'metadata.jsonl'} " in str(err.value)
+    assert f"nor {nowhere / 'train' / 'metadata.jsonl'} " in str(err.value)
+
+
 def test_non_personalised_pairs_always_prefer_the_safe_image(sage):
     split_dir, _ = sage
     dataset = SageDataset(split_dir.parent, "train", non_personalised=True, check_images=False)

@@ -110,6 +110,22 @@ def check_relative_name(name: str, where: str) -> None:
         raise SageFormatError(f"{where}: image path {name!r} escapes the split folder (paths must stay inside it)")
 
 
+def resolve_split_dir(data_dir: str | Path, split: str) -> Path:
+    """The split folder holding ``metadata.jsonl``: ``data_dir`` itself when it holds one (the reference's
+    ``--train_data_dir ./data/sage/train``), else ``<data_dir>/<split>`` (a SAGE root). Neither: FileNotFoundError
+    naming both paths tried."""
+    data_dir = Path(data_dir)
+    if (data_dir / METADATA_NAME).is_file():
+        return data_dir
+    split_dir = data_dir / split
+    if (split_dir / METADATA_NAME).is_file():
+        return split_dir
+    raise FileNotFoundError(
+        f"SAGE metadata not found: neither {data_dir / METADATA_NAME} (a split folder) nor "
+        f"{split_dir / METADATA_NAME} (a SAGE root with split {split!r}) exists"
+    )
+
+
 def read_metadata(path: str | Path) -> list[SageRecord]:
     """All records of a ``metadata.jsonl``; the first malformed line raises SageFormatError naming file:line."""
     path = Path(path)
