@@ -39,7 +39,7 @@ from psa_adapter.data.dataset import SageDataset
 from psa_adapter.data.embeddings import MissingEmbeddingError, open_embedding_store
 from psa_adapter.data.sampling import ShardedBatchSampler
 from psa_adapter.loss import dpo_loss
-from psa_adapter.utils import atomic_write, atomic_write_text
+from psa_adapter.utils import atomic_write, atomic_write_text, image_grid
 
 logger = logging.getLogger(__name__)
 
@@ -739,7 +739,8 @@ class ValidationSetup:
                     columns.append(generate(pipe, self.prompts, seeds, **kwargs))
                 columns.append(generate(pipe, self.prompts, seeds, **kwargs))
                 labels = ["base", "policy"]
-        grid = image_grid(columns)
+        rows, cols = len(columns[0]), len(columns)
+        grid = image_grid([columns[c][r] for r in range(rows) for c in range(cols)], cols=cols)
         path = output_dir / "validation" / f"step-{step:06d}.png"
         atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
         atomic_write_text(path.with_suffix(".json"),
@@ -748,18 +749,6 @@ class ValidationSetup:
             if tracker.name == "tensorboard":
                 tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
         return path
-
-
-def image_grid(columns: list[list]) -> object:
-    """Paste ``columns[c][r]`` PIL images into one grid image (rows = prompts, columns = models/users)."""
-    from PIL import Image
-
-    width, height = columns[0][0].size
-    grid = Image.new("RGB", (width * len(columns), height * len(columns[0])), "white")
-    for c, column in enumerate(columns):
-        for r, image in enumerate(column):
-            grid.paste(image, (c * width, r * height))
-    return grid
 
 
 __all__ = [
