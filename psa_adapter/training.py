@@ -407,6 +407,8 @@ def train(config: TrainConfig) -> Path | None:
     """Run one training job; returns the output folder holding the final adapter (None if stopped early)."""
     run = setup_run(config)
     resume_run(run)
+    if run.accelerator.is_main_process:  # after resume_run: a refused checkpoint leaves the folder as it was
+        config.save_yaml(run.output_dir / CONFIG_NAME)
     if not train_loop(run):
         return None
     return finish_run(run)
@@ -425,7 +427,6 @@ def setup_run(config: TrainConfig) -> TrainRun:
                         level=logging.INFO if accelerator.is_local_main_process else logging.WARNING)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        config.save_yaml(output_dir / CONFIG_NAME)
     set_seed(config.seed)  # same adapter initialisation on every process and every run (bug 6: no default seed)
     if config.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -182,9 +182,11 @@ def test_resume_refuses_a_checkpoint_of_another_data_order(tiny, tmp_path, caplo
         (dict(seed=1), "seed: checkpoint 0, this run 1"),
         (dict(max_train_samples=6), r"data set: checkpoint .*metadata.jsonl \(8 records.*this run .*\(6 records"),
     ]
+    resolved = (out / training.CONFIG_NAME).read_text()
     for overrides, message in cases:
         with pytest.raises(training.ResumeMismatchError, match=message):
             resume(**overrides)
+        assert (out / training.CONFIG_NAME).read_text() == resolved  # a refused resume writes nothing
     # Same records, other content (one caption edited): another data set.
     edited = tmp_path / "edited"
     shutil.copytree(tiny["sage"], edited)
