@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from psa_adapter.attention import PSAAttnProcessor
+from psa_adapter.errors import AdapterMismatchError
+from psa_adapter.reference import reference_adapter_state
 from psa_adapter.utils import atomic_write
 
 FORMAT_VERSION = 1
@@ -28,10 +30,6 @@ WEIGHTS_NAME = "psa_adapter.safetensors"
 REFERENCE_BIN_NAME = "psa_adapter.bin"
 # Short block names accepted by `set_scale`, as in diffusers' `set_ip_adapter_scale`.
 _BLOCK_ALIASES = {"down": "down_blocks", "mid": "mid_block", "up": "up_blocks"}
-
-
-class AdapterMismatchError(ValueError):
-    """An adapter does not fit a UNet or a checkpoint does not fit an adapter."""
 
 
 def is_sdxl_unet(unet) -> bool:
@@ -396,9 +394,14 @@ class PSAAdapter(nn.Module):
             path = found[0]
         if unet is None:
             raise ValueError(f"loading the reference-format adapter {path} needs the UNet it was trained for")
-        from psa_adapter.reference import load_reference_adapter
-
-        return load_reference_adapter(cls, path, unet)
+        layers = cross_attention_layers(unet)
+        d = int(unet.config.cross_attention_dim)
+        state, num_tokens, embed_dim = reference_adapter_state(path, list(layers), d)
+        adapter = cls(PSAAdapterConfig(embed_dim=embed_dim, num_tokens=num_tokens, cross_attention_dim=d,
+                                       layers=layers, base_family="sdxl" if is_sdxl_unet(unet) else "sd15",
+                                       encoder=None))
+        adapter.load_adapter_state_dict(state, source=str(path))
+        return adapter
 
 
 __all__ = [

@@ -38,8 +38,11 @@ class TrainConfig:
 
     # ------------------------------------------------------------------------------------------------ inputs
     sd_model: str = field(default="", **_help("Diffusers model folder (SD1.5- or SDXL-style) to adapt. Required."))
-    train_data_dir: str = field(default="", **_help("SAGE root: holds <split>/metadata.jsonl and the images."))
-    train_split: str = field(default="train", **_help("Which SAGE split under train_data_dir to train on."))
+    train_data_dir: str = field(default="", **_help(
+        "The SAGE split folder holding metadata.jsonl and the images (as in the reference, e.g. data/sage/train), "
+        "or a SAGE root holding <train_split>/metadata.jsonl."))
+    train_split: str = field(default="train", **_help(
+        "Which SAGE split to train on when train_data_dir is a SAGE root (unused when it is a split folder)."))
     embeds_folder: str | None = field(
         default=None,
         **_help("User embeddings: an embedding-store .safetensors file or a folder of <User_ID>.npy files. "

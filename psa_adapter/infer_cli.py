@@ -76,29 +76,31 @@ def check_file_name(name: str, where: str) -> str:
 
 def read_sage_jobs(path: str | os.PathLike) -> list[Job]:
     """SAGE ``metadata.jsonl``: every record (harmful and safe captions) with its ``caption``,
-    ``user_data.User_ID`` and ``file_name`` (kept as is, as the reference does)."""
+    ``user_data.User_ID`` and ``file_name`` (kept as is, as the reference does). Lines are read by the data
+    package's SAGE reader; only ``caption`` and ``file_name`` are required here."""
+    from psa_adapter.data.sage import SageFormatError, iter_metadata_objects
+
     path = Path(path)
     if not path.is_file():
         raise InferError(f"--meta_data file not found: {path}")
     jobs = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    try:
+        for line_no, record in iter_metadata_objects(path):
             where = f"{path} line {line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InferError(f"{where}: not valid JSON ({err.msg})") from err
             missing = [k for k in ("caption", "file_name") if k not in record]
             if missing:
                 raise InferError(f"{where}: record has no {' or '.join(missing)} field")
-            user = (record.get("user_data") or {}).get("User_ID")
+            user_data = record.get("user_data") or {}
+            if not isinstance(user_data, dict):
+                raise InferError(f"{where}: user_data must be a JSON object, found {type(user_data).__name__}")
+            user = user_data.get("User_ID")
             jobs.append(Job(
                 index=len(jobs), prompt=str(record["caption"]), where=where,
                 file_name=check_file_name(str(record["file_name"]), where),
                 user=None if user is None else normalize_user_id(user, where),
             ))
+    except SageFormatError as err:  # a line that is not a JSON object; the message names file and line
+        raise InferError(str(err)) from err
     return jobs
 
 

@@ -6,6 +6,9 @@
 ``psa_adapter.`` and ``user_proj.``. ``i`` numbers the UNet's cross-attention processors in the order of
 ``unet.attn_processors``. Files that number every processor (self-attention included, so cross-attention layers get
 the odd numbers) are recognised too.
+
+This module knows the file format only; ``PSAAdapter.from_pretrained`` builds the adapter (one import direction:
+``adapter`` -> ``reference``).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from psa_adapter.adapter import AdapterMismatchError, PSAAdapterConfig, cross_attention_layers, is_sdxl_unet
+from psa_adapter.errors import AdapterMismatchError
 
 _BRANCH_KEY = re.compile(r"^(\d+)\.(to_k_user|to_v_user)\.0\.weight$")
 _PROJ_KEYS = ("proj.weight", "proj.bias", "norm.weight", "norm.bias")
@@ -49,8 +52,14 @@ def read_reference_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
     return dict(data[branch_key]), dict(data["user_proj"])
 
 
-def load_reference_adapter(cls, path: str | Path, unet):
-    """Build a ``cls`` (PSAAdapter) for ``unet`` from a reference checkpoint, checking every key and shape."""
+def reference_adapter_state(path: str | Path, layer_names: list[str], cross_attention_dim: int,
+                            ) -> tuple[dict[str, torch.Tensor], int, int]:
+    """A reference checkpoint as our adapter's state dict, checking every key and shape.
+
+    ``layer_names``: the UNet's cross-attention layers in ``unet.attn_processors`` order (``cross_attention_layers``);
+    ``cross_attention_dim``: its D. Returns (state dict with ``user_proj.*`` and ``<layer>.to_{k,v}_user.weight``
+    keys in fp32, K user tokens, E embedding size).
+    """
     branch, proj = read_reference_state(path)
     missing_proj = [k for k in _PROJ_KEYS if k not in proj]
     extra_proj = sorted(set(proj) - set(_PROJ_KEYS))
@@ -62,8 +71,7 @@ def load_reference_adapter(cls, path: str | Path, unet):
             f"{path}: unexpected adapter keys, e.g. {bad[0]!r} (expected '<i>.to_k_user.0.weight')"
         )
 
-    layers = cross_attention_layers(unet)
-    names = list(layers)
+    names = list(layer_names)
     indices = sorted({int(_BRANCH_KEY.match(k).group(1)) for k in branch})
     if indices == list(range(len(names))):
         index_to_layer = dict(zip(indices, names))
@@ -75,21 +83,12 @@ def load_reference_adapter(cls, path: str | Path, unet):
             f"has {len(names)} cross-attention layers"
         )
 
-    d = int(unet.config.cross_attention_dim)
+    d = int(cross_attention_dim)
     rows, embed_dim = proj["proj.weight"].shape
     if rows % d:
         raise AdapterMismatchError(
             f"{path}: user_proj.proj.weight has {rows} rows, not a multiple of the UNet's D={d}"
         )
-    config = PSAAdapterConfig(
-        embed_dim=int(embed_dim),
-        num_tokens=rows // d,
-        cross_attention_dim=d,
-        layers=layers,
-        base_family="sdxl" if is_sdxl_unet(unet) else "sd15",
-        encoder=None,
-    )
-    adapter = cls(config)
     state = {f"user_proj.{k}": v.to(torch.float32) for k, v in proj.items()}
     for i, layer in index_to_layer.items():
         for which in ("to_k_user", "to_v_user"):
@@ -97,8 +96,7 @@ def load_reference_adapter(cls, path: str | Path, unet):
             if key not in branch:
                 raise AdapterMismatchError(f"{path}: missing {key} (layer {layer})")
             state[f"{layer}.{which}.weight"] = branch[key].to(torch.float32)
-    adapter.load_adapter_state_dict(state, source=str(path))
-    return adapter
+    return state, rows // d, int(embed_dim)
 
 
 def reference_state_dict(adapter) -> dict[str, dict[str, torch.Tensor]]:

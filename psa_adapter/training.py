@@ -1,7 +1,8 @@
 """Personalised Diffusion-DPO training (SPEC section 5) with accelerate: one CPU, one GPU or many.
 
-Read top to bottom: models -> data -> what trains (a "branch") -> optimiser -> loop -> saving. Fixes of the
-reference's training bugs (SPEC section 9) are marked "bug N".
+Read top to bottom: models -> data -> what trains (a "branch") -> checkpoints -> ``train`` = ``setup_run`` ->
+``resume_run`` -> ``train_loop`` -> ``finish_run``, sharing one ``TrainRun``. Fixes of the reference's training
+bugs (SPEC section 9) are marked "bug N".
 
 * The reference model is the same UNet with the trainable branch switched off (adapter at scale 0, or LoRA
   disabled), never a second copy.
@@ -10,12 +11,14 @@ reference's training bugs (SPEC section 9) are marked "bug N".
 * Each sample's flips, caption dropout (once; bug 5), noise and timestep come from generators seeded by
   (seed, epoch, index): results do not depend on the number of processes.
 * Exceptions are never swallowed; a non-finite loss stops the run naming the step and the last good checkpoint
-  (bug 6); ``--resume_from_checkpoint`` really resumes.
+  (bug 6); ``--resume_from_checkpoint`` really resumes, and refuses a checkpoint of a run with another data order
+  (batch size, accumulation, process count, seed or data set).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -36,7 +39,7 @@ from psa_adapter.data.dataset import SageDataset
 from psa_adapter.data.embeddings import MissingEmbeddingError, open_embedding_store
 from psa_adapter.data.sampling import ShardedBatchSampler
 from psa_adapter.loss import dpo_loss
-from psa_adapter.utils import atomic_write, atomic_write_text
+from psa_adapter.utils import atomic_write, atomic_write_text, image_grid
 
 logger = logging.getLogger(__name__)
 
@@ -334,37 +337,103 @@ def _flat_hparams(config: TrainConfig) -> dict:
     return {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))}
 
 
+# ------------------------------------------------------------------------------------------- resume safety
+#: What decides which samples an optimizer step sees; a checkpoint resumes only into a run where all of it matches.
+RUN_FIELDS = ("train_batch_size", "gradient_accumulation_steps", "num_processes", "seed")
+
+
+class ResumeMismatchError(ValueError):
+    """A checkpoint from a run with another data order (batch size, accumulation, processes, seed or data set)."""
+
+
+def run_identity(config: TrainConfig, num_processes: int, dataset: SageDataset) -> dict:
+    """The record a checkpoint keeps of its run's data order: ``RUN_FIELDS`` plus the data set's identity."""
+    return {"train_batch_size": config.train_batch_size,
+            "gradient_accumulation_steps": config.gradient_accumulation_steps,
+            "num_processes": num_processes, "seed": config.seed, "data": dataset.identity()}
+
+
+def check_resume_identity(checkpoint: Path, saved: dict | None, current: dict) -> None:
+    """Raise ResumeMismatchError naming every field where ``saved`` (the checkpoint's record) differs from
+    ``current`` (this run's). A checkpoint written before the record existed gets a warning."""
+    if saved is None:
+        logger.warning("%s records no batch size, accumulation, process count, seed or data set (written by an "
+                       "older version); resuming without checking that they match this run", checkpoint)
+        return
+    diffs = [f"{name}: checkpoint {saved[name]!r}, this run {current[name]!r}"
+             for name in RUN_FIELDS if name in saved and saved[name] != current[name]]
+    old, new = saved.get("data"), current["data"]
+    if old is not None and (old.get("sha256"), old.get("records")) != (new["sha256"], new["records"]):
+        diffs.append(f"data set: checkpoint {old.get('metadata')} ({old.get('records')} records, sha256 "
+                     f"{str(old.get('sha256'))[:12]}), this run {new['metadata']} ({new['records']} records, "
+                     f"sha256 {new['sha256'][:12]})")
+    elif old is not None and old.get("metadata") != new["metadata"]:
+        logger.warning("%s was written with the data at %s; the same records (same content) are now at %s",
+                       checkpoint, old.get("metadata"), new["metadata"])
+    if diffs:
+        raise ResumeMismatchError(
+            f"cannot resume from {checkpoint}: it was written by a run with a different data order ("
+            + "; ".join(diffs) + "). Resume with the checkpoint's settings, or start a new run in another "
+            "--output_dir."
+        )
+
+
 # --------------------------------------------------------------------------------------------------- training
+@dataclass
+class TrainRun:
+    """What one training job holds between its phases: ``setup_run`` -> ``resume_run`` -> ``train_loop`` ->
+    ``finish_run``."""
+
+    config: TrainConfig
+    accelerator: object
+    output_dir: Path
+    models: Models
+    dataset: SageDataset
+    validation: ValidationSetup | None
+    model: nn.Module  # the prepared DPOModel (wrapped for DDP with several processes)
+    params: list[nn.Parameter]  # the trainable weights, all fp32
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    identity: dict  # run_identity(): recorded in every checkpoint, checked on resume
+    global_step: int = 0
+    last_checkpoint: Path | None = None
+
+    @property
+    def branch(self) -> TrainableBranch:
+        return self.accelerator.unwrap_model(self.model).branch
+
+
 def train(config: TrainConfig) -> Path | None:
     """Run one training job; returns the output folder holding the final adapter (None if stopped early)."""
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
-    from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
+    run = setup_run(config)
+    resume_run(run)
+    if run.accelerator.is_main_process:  # after resume_run: a refused checkpoint leaves the folder as it was
+        config.save_yaml(run.output_dir / CONFIG_NAME)
+    if not train_loop(run):
+        return None
+    return finish_run(run)
+
+
+def setup_run(config: TrainConfig) -> TrainRun:
+    """Accelerator, frozen models, data, the trainable branch, optimiser and schedule.
+
+    The order is part of the result: the branch's initialisation draws from the global generator seeded here.
+    """
+    from accelerate.utils import set_seed
 
     output_dir = Path(config.output_dir)
-    # accelerate only runs multi-process CPU jobs (gloo) when told to use the CPU; without GPUs, say so for it.
-    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    accelerator = Accelerator(
-        cpu=multi_cpu,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        mixed_precision=config.mixed_precision,
-        log_with=None if config.report_to == "none" else config.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-    )
+    accelerator = _make_accelerator(config, output_dir)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if accelerator.is_local_main_process else logging.WARNING)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        config.save_yaml(output_dir / CONFIG_NAME)
     set_seed(config.seed)  # same adapter initialisation on every process and every run (bug 6: no default seed)
     if config.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
-    device = accelerator.device
 
     # ---- models and data
-    models = load_models(config, device, weight_dtype)
+    models = load_models(config, accelerator.device, weight_dtype)
     store = open_embedding_store(config.embeds_folder) if config.mode == "personalised" else None
     dataset = SageDataset(
         config.train_data_dir, config.train_split, embeddings=store, resolution=config.resolution,
@@ -385,15 +454,43 @@ def train(config: TrainConfig) -> Path | None:
     encoder = getattr(store, "metadata", None) if store is not None else None
     branch = build_branch(config, models.unet, getattr(dataset, "embed_dim", None), user_matrix,
                           encoder if isinstance(encoder, dict) else None)
-    branch.to(device)
+    branch.to(accelerator.device)
     if config.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
     params = branch.trainable_parameters()
     if any(p.dtype != torch.float32 for p in params):
         raise RuntimeError("trainable weights must be fp32 (bug 2: bf16 master weights round updates away)")
-    model = DPOModel(models.unet, branch)
 
     # ---- optimiser and schedule
+    optimizer, lr_scheduler = _make_optimizer(config, params)
+    model, optimizer = accelerator.prepare(DPOModel(models.unet, branch), optimizer)
+    accelerator.register_for_checkpointing(lr_scheduler)
+    # Only the branch's weights go into a checkpoint, never the frozen UNet.
+    accelerator.register_save_state_pre_hook(functools.partial(_save_branch_hook, accelerator))
+    accelerator.register_load_state_pre_hook(functools.partial(_load_branch_hook, accelerator))
+    return TrainRun(config, accelerator, output_dir, models, dataset, validation, model, params, optimizer,
+                    lr_scheduler, run_identity(config, accelerator.num_processes, dataset))
+
+
+def _make_accelerator(config: TrainConfig, output_dir: Path):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    # accelerate only runs multi-process CPU jobs (gloo) when told to use the CPU; without GPUs, say so for it.
+    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    return Accelerator(
+        cpu=multi_cpu,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        log_with=None if config.report_to == "none" else config.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+
+
+def _make_optimizer(config: TrainConfig, params: list[nn.Parameter]):
+    """(optimizer, lr scheduler) for ``params``."""
+    from diffusers.optimization import get_scheduler
+
     if config.use_adafactor:
         from transformers.optimization import Adafactor
 
@@ -405,37 +502,79 @@ def train(config: TrainConfig) -> Path | None:
     # Not passed to prepare(): a prepared scheduler steps once per process, so warm-up would depend on the count.
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=config.max_train_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(lr_scheduler)
+    return optimizer, lr_scheduler
 
-    def save_hook(hook_models, weights, directory):
-        # Only the branch's weights go into a checkpoint, never the frozen UNet.
-        if accelerator.is_main_process:
-            for m in hook_models:
-                accelerator.unwrap_model(m).branch.save_weights(Path(directory) / BRANCH_DIR)
-        weights.clear()
 
-    def load_hook(hook_models, directory):
-        while hook_models:
-            accelerator.unwrap_model(hook_models.pop()).branch.load_weights(Path(directory) / BRANCH_DIR)
+def _save_branch_hook(accelerator, hook_models, weights, directory) -> None:
+    if accelerator.is_main_process:
+        for m in hook_models:
+            accelerator.unwrap_model(m).branch.save_weights(Path(directory) / BRANCH_DIR)
+    weights.clear()
 
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
 
-    # ---- resume
-    global_step, last_checkpoint = 0, None
-    resume = resolve_resume(output_dir, config.resume_from_checkpoint)
-    if resume is not None:
-        state = json.loads((resume / STATE_NAME).read_text())
-        accelerator.print(f"resuming from {resume} (step {state['global_step']})")
-        accelerator.load_state(str(resume))
-        global_step, last_checkpoint = int(state["global_step"]), resume
-    elif config.resume_from_checkpoint:
-        accelerator.print(f"no checkpoint in {output_dir}; starting a new run")
+def _load_branch_hook(accelerator, hook_models, directory) -> None:
+    while hook_models:
+        accelerator.unwrap_model(hook_models.pop()).branch.load_weights(Path(directory) / BRANCH_DIR)
 
+
+def resume_run(run: TrainRun) -> None:
+    """Load the checkpoint ``--resume_from_checkpoint`` names (if any) into ``run`` and set its step.
+
+    The checkpoint must come from a run with the same data order (``check_resume_identity``), else resuming
+    would train on other samples than an uninterrupted run; the branch's shape is checked while loading.
+    """
+    config, accelerator = run.config, run.accelerator
+    resume = resolve_resume(run.output_dir, config.resume_from_checkpoint)
+    if resume is None:
+        if config.resume_from_checkpoint:
+            accelerator.print(f"no checkpoint in {run.output_dir}; starting a new run")
+        return
+    state = json.loads((resume / STATE_NAME).read_text())
+    check_resume_identity(resume, state.get("run"), run.identity)
+    accelerator.print(f"resuming from {resume} (step {state['global_step']})")
+    accelerator.load_state(str(resume))
+    run.global_step, run.last_checkpoint = int(state["global_step"]), resume
+
+
+def save_checkpoint(run: TrainRun, step: int) -> Path:
+    """Write ``checkpoint-<step>`` whole or not at all (built in a temporary folder, then renamed); rotate old ones."""
+    config, accelerator, output_dir = run.config, run.accelerator, run.output_dir
+    final = output_dir / f"checkpoint-{step}"
+    tmp = output_dir / f".tmp-checkpoint-{step}"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = {"global_step": step, "sd_model": config.sd_model, "mode": config.mode, "run": run.identity}
+        atomic_write_text(tmp / STATE_NAME, json.dumps(state, indent=2) + "\n")
+        config.save_yaml(tmp / CONFIG_NAME)
+        old = output_dir / f".old-checkpoint-{step}"
+        if final.exists():  # a checkpoint of an earlier run at this step: replace it only once ours is whole
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old.exists():
+            shutil.rmtree(old)
+        if config.checkpoints_total_limit:
+            for stale in list_checkpoints(output_dir)[:-config.checkpoints_total_limit]:
+                shutil.rmtree(stale)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def train_loop(run: TrainRun) -> bool:
+    """Optimizer steps from ``run.global_step`` on, with checkpoints and validation grids on their schedule.
+
+    Returns True when ``max_train_steps`` is reached, False when the run stopped at ``stop_after_steps``.
+    """
+    from tqdm.auto import tqdm
+
+    config, accelerator, dataset = run.config, run.accelerator, run.dataset
+    # The data position follows from the step alone (the sampler skips the global batches already trained on).
     sampler = ShardedBatchSampler(len(dataset), config.train_batch_size, accelerator.num_processes,
                                   accelerator.process_index, seed=config.seed,
-                                  start_batch=global_step * config.gradient_accumulation_steps)
+                                  start_batch=run.global_step * config.gradient_accumulation_steps)
     dataloader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
                                              num_workers=config.dataloader_num_workers)
     if accelerator.is_main_process and config.report_to != "none":
@@ -443,108 +582,98 @@ def train(config: TrainConfig) -> Path | None:
     global_batch = config.train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps
     accelerator.print(
         f"{len(dataset)} pairs, {sampler.batches_per_epoch} global micro-batches per epoch; "
-        f"{global_batch} pairs per optimizer step; {sum(p.numel() for p in params):,} trainable parameters"
+        f"{global_batch} pairs per optimizer step; {sum(p.numel() for p in run.params):,} trainable parameters"
     )
 
-    def save_checkpoint(step: int) -> Path:
-        final = output_dir / f"checkpoint-{step}"
-        tmp = output_dir / f".tmp-checkpoint-{step}"
-        if accelerator.is_main_process and tmp.exists():
-            shutil.rmtree(tmp)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            state = {"global_step": step, "sd_model": config.sd_model, "mode": config.mode}
-            atomic_write_text(tmp / STATE_NAME, json.dumps(state, indent=2) + "\n")
-            config.save_yaml(tmp / CONFIG_NAME)
-            old = output_dir / f".old-checkpoint-{step}"
-            if final.exists():  # a checkpoint of an earlier run at this step: replace it only once ours is whole
-                os.replace(final, old)
-            os.replace(tmp, final)
-            if old.exists():
-                shutil.rmtree(old)
-            if config.checkpoints_total_limit:
-                for stale in list_checkpoints(output_dir)[:-config.checkpoints_total_limit]:
-                    shutil.rmtree(stale)
-        accelerator.wait_for_everyone()
-        return final
-
-    # ---- loop
-    model.train()
-    progress = tqdm(total=config.max_train_steps, initial=global_step, desc="steps",
+    run.model.train()
+    progress = tqdm(total=config.max_train_steps, initial=run.global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
-    window: list[torch.Tensor] = []
-    metric_names: list[str] = []
-    grad_norm = None
-    for batch in dataloader if global_step < config.max_train_steps else ():
-        with accelerator.accumulate(model):
-            noisy, timesteps, target, hidden, user_embeds, added = diffusion_inputs(
-                batch, models, config.resolution, device, (config.min_timestep, config.max_timestep)
-            )
-            policy_pred, ref_pred = model(noisy, timesteps, hidden, user_embeds, added)
-            b = target.shape[0]
-            loss, metrics = dpo_loss(policy_pred[:b], policy_pred[b:], ref_pred[:b], ref_pred[b:], target,
-                                     beta=config.beta_dpo, sft_weight=config.sft_weight)
-            # Every process must see the same verdict, or the healthy ones would wait forever.
-            losses = accelerator.gather(loss.detach().reshape(1))
-            if not torch.isfinite(losses).all():
-                raise NonFiniteLossError(
-                    f"loss became {losses.tolist()} at optimizer step {global_step + 1} (epoch "
-                    f"{int(batch['epoch'][0])}); stopping. Last good checkpoint: "
-                    f"{last_checkpoint or 'none (no checkpoint saved yet)'}. Try a lower learning rate or "
-                    "mixed_precision bf16 instead of fp16."
-                )
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                if config.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                optimizer.step()
-                if not getattr(optimizer, "step_was_skipped", False):
-                    lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-        scalars = {k: v for k, v in metrics.items() if v.ndim == 0}
-        metric_names = list(scalars)
-        window.append(torch.stack([v.float() for v in scalars.values()]))
+    window: list[torch.Tensor] = []  # per micro-batch metrics of the current optimizer step
+    for batch in dataloader if run.global_step < config.max_train_steps else ():
+        metrics, grad_norm = train_micro_step(run, batch)
+        window.append(torch.stack([v.float() for v in metrics.values()]))
         if not accelerator.sync_gradients:
             continue
 
-        global_step += 1
-        averaged = accelerator.reduce(torch.stack(window).mean(0), reduction="mean").tolist()
+        run.global_step += 1
+        step = run.global_step
+        _log_step(run, list(metrics), window, grad_norm, progress)
         window = []
-        logs = dict(zip(metric_names, averaged))
-        logs["lr"] = lr_scheduler.get_last_lr()[0]
-        if grad_norm is not None:
-            logs["grad_norm"] = float(grad_norm)
-        accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=global_step)
-        progress.update(1)
-        progress.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs['implicit_acc']:.2f}")
-
-        if global_step % config.checkpointing_steps == 0 or global_step == config.stop_after_steps:
-            last_checkpoint = save_checkpoint(global_step)
-        if validation is not None and global_step % config.validation_steps == 0:
+        if step % config.checkpointing_steps == 0 or step == config.stop_after_steps:
+            run.last_checkpoint = save_checkpoint(run, step)
+        if run.validation is not None and step % config.validation_steps == 0:
             if accelerator.is_main_process:
-                validation.run(models.pipe, accelerator.unwrap_model(model).branch, global_step, accelerator,
-                               output_dir)
+                run.validation.run(run.models.pipe, run.branch, step, accelerator, run.output_dir)
             accelerator.wait_for_everyone()
-        if global_step == config.stop_after_steps and global_step < config.max_train_steps:
-            accelerator.print(f"stopped after step {global_step} as asked; resume with "
-                              f"--resume_from_checkpoint latest")
+        if step == config.stop_after_steps and step < config.max_train_steps:
+            accelerator.print(f"stopped after step {step} as asked; resume with --resume_from_checkpoint latest")
             progress.close()
             accelerator.end_training()
-            return None
-        if global_step >= config.max_train_steps:
+            return False
+        if step >= config.max_train_steps:
             break
     progress.close()
+    return True
 
-    # ---- final adapter
+
+def train_micro_step(run: TrainRun, batch: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """Forward and backward of one micro-batch; the optimizer steps when gradients are synchronised.
+
+    Returns (scalar metrics of ``dpo_loss``, the gradient norm before clipping or None).
+    """
+    config, accelerator = run.config, run.accelerator
+    grad_norm = None
+    with accelerator.accumulate(run.model):
+        noisy, timesteps, target, hidden, user_embeds, added = diffusion_inputs(
+            batch, run.models, config.resolution, accelerator.device, (config.min_timestep, config.max_timestep)
+        )
+        policy_pred, ref_pred = run.model(noisy, timesteps, hidden, user_embeds, added)
+        b = target.shape[0]
+        loss, metrics = dpo_loss(policy_pred[:b], policy_pred[b:], ref_pred[:b], ref_pred[b:], target,
+                                 beta=config.beta_dpo, sft_weight=config.sft_weight)
+        # Every process must see the same verdict, or the healthy ones would wait forever.
+        losses = accelerator.gather(loss.detach().reshape(1))
+        if not torch.isfinite(losses).all():
+            raise NonFiniteLossError(
+                f"loss became {losses.tolist()} at optimizer step {run.global_step + 1} (epoch "
+                f"{int(batch['epoch'][0])}); stopping. Last good checkpoint: "
+                f"{run.last_checkpoint or 'none (no checkpoint saved yet)'}. Try a lower learning rate or "
+                "mixed_precision bf16 instead of fp16."
+            )
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            if config.max_grad_norm > 0:
+                grad_norm = accelerator.clip_grad_norm_(run.params, config.max_grad_norm)
+            run.optimizer.step()
+            if not getattr(run.optimizer, "step_was_skipped", False):
+                run.lr_scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+    return {k: v for k, v in metrics.items() if v.ndim == 0}, grad_norm
+
+
+def _log_step(run: TrainRun, names: list[str], window: list[torch.Tensor], grad_norm, progress) -> None:
+    """Log one optimizer step: its micro-batches' metrics averaged over them and over the processes."""
+    accelerator = run.accelerator
+    averaged = accelerator.reduce(torch.stack(window).mean(0), reduction="mean").tolist()
+    logs = dict(zip(names, averaged))
+    logs["lr"] = run.lr_scheduler.get_last_lr()[0]
+    if grad_norm is not None:
+        logs["grad_norm"] = float(grad_norm)
+    accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=run.global_step)
+    progress.update(1)
+    progress.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs['implicit_acc']:.2f}")
+
+
+def finish_run(run: TrainRun) -> Path:
+    """Save the final weights and the resolved config into the output folder; returns it."""
+    accelerator = run.accelerator
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).branch.save_weights(output_dir)
-        config.save_yaml(output_dir / CONFIG_NAME)
-        accelerator.print(f"saved the trained weights and {CONFIG_NAME} to {output_dir}")
+        run.branch.save_weights(run.output_dir)
+        run.config.save_yaml(run.output_dir / CONFIG_NAME)
+        accelerator.print(f"saved the trained weights and {CONFIG_NAME} to {run.output_dir}")
     accelerator.end_training()
-    return output_dir
+    return run.output_dir
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -611,7 +740,8 @@ class ValidationSetup:
                     columns.append(generate(pipe, self.prompts, seeds, **kwargs))
                 columns.append(generate(pipe, self.prompts, seeds, **kwargs))
                 labels = ["base", "policy"]
-        grid = image_grid(columns)
+        rows, cols = len(columns[0]), len(columns)
+        grid = image_grid([columns[c][r] for r in range(rows) for c in range(cols)], cols=cols)
         path = output_dir / "validation" / f"step-{step:06d}.png"
         atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
         atomic_write_text(path.with_suffix(".json"),
@@ -622,27 +752,23 @@ class ValidationSetup:
         return path
 
 
-def image_grid(columns: list[list]) -> object:
-    """Paste ``columns[c][r]`` PIL images into one grid image (rows = prompts, columns = models/users)."""
-    from PIL import Image
-
-    width, height = columns[0][0].size
-    grid = Image.new("RGB", (width * len(columns), height * len(columns[0])), "white")
-    for c, column in enumerate(columns):
-        for r, image in enumerate(column):
-            grid.paste(image, (c * width, r * height))
-    return grid
-
-
 __all__ = [
     "DPOModel",
     "NonFiniteLossError",
     "LoRABranch",
     "PSABranch",
+    "ResumeMismatchError",
+    "TrainRun",
     "TrainableBranch",
     "build_branch",
+    "check_resume_identity",
     "diffusion_inputs",
+    "finish_run",
     "list_checkpoints",
     "load_models",
+    "resume_run",
+    "run_identity",
+    "setup_run",
     "train",
+    "train_loop",
 ]

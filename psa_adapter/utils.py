@@ -1,11 +1,11 @@
-"""Small helpers shared across the package: atomic file writes."""
+"""Small helpers shared across the package: atomic file writes, image grids."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
@@ -34,3 +34,32 @@ def atomic_write(target: str | os.PathLike, write: Callable[[str], object]) -> N
 def atomic_write_text(target: str | os.PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``target`` atomically."""
     atomic_write(target, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def image_grid(images: Sequence, cols: int, *, border: int = 0, scale: int = 1, background="white"):
+    """Tile equal-size images row by row, ``cols`` per row (the last row may be short), into one PIL RGB image.
+
+    ``images``: PIL images or uint8 (H, W, 3) arrays. Each image gets ``border`` pixels of ``background`` on every
+    side; the whole grid is then enlarged ``scale`` times by nearest neighbour (pixels stay sharp). The result is
+    ``(cols * (W + 2 * border) * scale)`` wide and ``(rows * (H + 2 * border) * scale)`` high.
+    (``diffusers.utils.make_image_grid`` is this with no border, no short row and no scaling.)
+    """
+    import numpy as np
+    from PIL import Image
+
+    pictures = [im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im)) for im in images]
+    if not pictures or cols < 1:
+        raise ValueError(f"image_grid needs at least one image and cols >= 1, got {len(pictures)} images, cols={cols}")
+    width, height = pictures[0].size
+    sizes = {im.size for im in pictures}
+    if len(sizes) > 1:
+        raise ValueError(f"image_grid needs images of one size, got {sorted(sizes)}")
+    cell_w, cell_h = width + 2 * border, height + 2 * border
+    rows = -(-len(pictures) // cols)
+    grid = Image.new("RGB", (cols * cell_w, rows * cell_h), background)
+    for i, im in enumerate(pictures):
+        r, c = divmod(i, cols)
+        grid.paste(im.convert("RGB"), (c * cell_w + border, r * cell_h + border))
+    if scale != 1:
+        grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    return grid

@@ -88,8 +88,35 @@ def test_banned_lists_follow_a_user_id_column(tmp_path):
     assert read_banned_lists(with_ids) == {"0000007": {"Hate"}, "0000003": {"Violence"}}
     twice = tmp_path / "twice.csv"
     twice.write_text('User_ID,Banned_Categories\n0000007,"[]"\n0000007,"[]"\n')
-    with pytest.raises(ValueError, match=r"twice.csv: data row 2: user 0000007 appears twice"):
+    with pytest.raises(ValueError, match=r"twice.csv row 2 \(line 3\), field User_ID: user 0000007 already appears "
+                                         r"in row 1"):
         read_banned_lists(twice)
+    bad = tmp_path / "bad.csv"
+    bad.write_text('Banned_Categories\n"[\'Hate\']"\n"[\'Gore\']"\n')
+    with pytest.raises(ValueError, match=r"bad.csv row 2 \(line 3\), field Banned_Categories: unknown category"):
+        read_banned_lists(bad)
+    ids_only = tmp_path / "ids_only.csv"
+    ids_only.write_text("User_ID\n0000001\n")
+    with pytest.raises(ValueError, match=r"ids_only.csv: missing column\(s\) \['Banned_Categories'\]"):
+        read_banned_lists(ids_only)
+
+
+def test_banned_lists_and_profiles_come_from_one_users_reader(tmp_path):
+    from psa_adapter.users import read_users_csv
+
+    # A full users file: both readers agree on ids and lists (User_ID column with gaps, a byte-order mark).
+    path = tmp_path / "users.csv"
+    path.write_text("\ufeffUser_ID,Age,Age_Group,Gender,Religion,Physical_Condition,Mental_Condition,"
+                    "Banned_Categories\n0000009,30,young adults,male,None,healthy,healthy,\"['Violence', 'Hate']\"\n"
+                    "0000004,70,young elderly,female,Islam,healthy,anxiety,[]\n", encoding="utf-8")
+    profiles = {p.user_id: set(p.banned) for p in read_users_csv(path)}
+    assert read_banned_lists(path) == profiles == {"0000009": {"Hate", "Violence"}, "0000004": set()}
+    # Banned lists alone are enough for validation; the profile reader needs the profile columns.
+    lists_only = tmp_path / "lists.csv"
+    lists_only.write_text('Banned_Categories\n"[\'Hate\']"\n')
+    assert read_banned_lists(lists_only) == {"0000001": {"Hate"}}
+    with pytest.raises(ValueError, match=r"lists.csv: missing column\(s\) \['Age'"):
+        read_users_csv(lists_only)
 
 
 def test_malformed_json_names_file_and_line(sage):
@@ -167,6 +194,22 @@ def test_missing_embedding_and_missing_image_fail_at_construction(sage, tmp_path
     next(split_dir.glob("*_u.jpg")).unlink()
     with pytest.raises(FileNotFoundError, match=r"metadata\.jsonl:\d+: image not found"):
         SageDataset(split_dir.parent, "train", embeddings=open_embedding_store(embeds))
+
+
+def test_dataset_reads_the_split_folder_or_the_sage_root(sage, tmp_path):
+    split_dir, embeds = sage
+    store = open_embedding_store(embeds)
+    by_root = SageDataset(split_dir.parent, "train", embeddings=store, check_images=False)
+    # The reference's form: --train_data_dir ./data/sage/train, the folder that holds metadata.jsonl.
+    by_split = SageDataset(split_dir, "train", embeddings=store, check_images=False)
+    assert by_root.split_dir == by_split.split_dir == split_dir
+    assert by_root.records == by_split.records and by_root.identity() == by_split.identity()
+    assert by_root.identity()["records"] == 16 and len(by_root.identity()["sha256"]) == 64
+    nowhere = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError) as err:
+        SageDataset(nowhere, "train", embeddings=store)
+    assert f"neither {nowhere / 'metadata.jsonl'} " in str(err.value)
+    assert f"nor {nowhere / 'train' / 'metadata.jsonl'} " in str(err.value)
 
 
 def test_non_personalised_pairs_always_prefer_the_safe_image(sage):

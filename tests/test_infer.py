@@ -73,7 +73,13 @@ def test_read_sage_jobs(tmp_path):
         ("c2", "0000031", "user_0000031_hate_x_00001.jpg_u.jpg"),
     ]
     path.write_text(json.dumps(records[0]) + "\n{broken\n")
-    with pytest.raises(InferError, match="metadata.jsonl line 2: not valid JSON"):
+    with pytest.raises(InferError, match=r"metadata.jsonl:2: malformed JSON"):
+        read_sage_jobs(path)
+    path.write_text(json.dumps(records[0]) + "\n[1, 2]\n")
+    with pytest.raises(InferError, match=r"metadata.jsonl:2: expected a JSON object, found list"):
+        read_sage_jobs(path)
+    path.write_text(json.dumps({"caption": "c3", "user_data": {"User_ID": "0000030"}}) + "\n")
+    with pytest.raises(InferError, match=r"metadata.jsonl line 1: record has no file_name field"):
         read_sage_jobs(path)
 
 

@@ -42,7 +42,7 @@ def workspace(tmp_path_factory):
     from psa_adapter.users import assign_banned, build_store, get_encoder, get_policy, sample_profiles, write_users_csv
 
     ws = tmp_path_factory.mktemp("readme")
-    for name in ("configs", "launchers", "data", "infer.py", "train.py"):
+    for name in ("configs", "launchers", "infer.py", "train.py"):
         (ws / name).symlink_to(REPO / name)
     save_tiny_pipeline("sd15", ws / "sd15")
     save_tiny_pipeline("sdxl", ws / "sdxl")

@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -162,6 +163,59 @@ def test_resume_with_a_different_adapter_is_a_clear_error(tiny, tmp_path):
     assert (out / "checkpoint-1" / "trainable" / "psa_adapter.safetensors").is_file()  # nothing lost
     with pytest.raises(FileNotFoundError, match="is not a checkpoint"):
         training.train(_config(tiny, out, resume_from_checkpoint=str(tmp_path / "nowhere")))
+
+
+def test_resume_refuses_a_checkpoint_of_another_data_order(tiny, tmp_path, caplog):
+    out = tmp_path / "order"
+    training.train(_config(tiny, out, max_train_steps=1, checkpointing_steps=1))
+    state_file = out / "checkpoint-1" / training.STATE_NAME
+    state = json.loads(state_file.read_text())
+    assert state["run"]["train_batch_size"] == 2 and state["run"]["data"]["records"] == 8
+
+    def resume(**overrides):
+        values = dict(max_train_steps=2, checkpointing_steps=100, resume_from_checkpoint="latest")
+        return training.train(_config(tiny, out, **{**values, **overrides}))
+
+    cases = [
+        (dict(train_batch_size=1), "train_batch_size: checkpoint 2, this run 1"),
+        (dict(gradient_accumulation_steps=2), "gradient_accumulation_steps: checkpoint 1, this run 2"),
+        (dict(seed=1), "seed: checkpoint 0, this run 1"),
+        (dict(max_train_samples=6), r"data set: checkpoint .*metadata.jsonl \(8 records.*this run .*\(6 records"),
+    ]
+    resolved = (out / training.CONFIG_NAME).read_text()
+    for overrides, message in cases:
+        with pytest.raises(training.ResumeMismatchError, match=message):
+            resume(**overrides)
+        assert (out / training.CONFIG_NAME).read_text() == resolved  # a refused resume writes nothing
+    # Same records, other content (one caption edited): another data set.
+    edited = tmp_path / "edited"
+    shutil.copytree(tiny["sage"], edited)
+    metadata = edited / "train" / "metadata.jsonl"
+    metadata.write_text(metadata.read_text().replace('"caption": "', '"caption": "x', 1))
+    with pytest.raises(training.ResumeMismatchError, match=r"data set: .*\(8 records, sha256 \w+\), this run "
+                                                           r".*edited.*\(8 records"):
+        resume(train_data_dir=str(edited))
+    # A process count cannot change in one process; a checkpoint that says 2 stands for a two-process run.
+    state_file.write_text(json.dumps({**state, "run": {**state["run"], "num_processes": 2}}))
+    with pytest.raises(training.ResumeMismatchError, match="num_processes: checkpoint 2, this run 1"):
+        resume()
+    assert (out / "checkpoint-1" / "trainable" / "psa_adapter.safetensors").is_file()  # nothing lost
+    # A checkpoint of an older version has no record: it resumes with a warning. The split folder itself as
+    # train_data_dir (the reference's form) is the same data set as the SAGE root.
+    state_file.write_text(json.dumps({k: v for k, v in state.items() if k != "run"}))
+    with caplog.at_level("WARNING", logger="psa_adapter.training"):
+        assert resume(train_data_dir=str(tiny["sage"] / "train")) == out
+    assert "records no batch size, accumulation, process count, seed or data set" in caplog.text
+    assert json.loads((out / "checkpoint-1" / training.STATE_NAME).read_text()).get("run") is None
+
+
+def test_resume_accepts_the_same_data_set_in_the_split_folder_form(tiny, tmp_path):
+    out = tmp_path / "forms"
+    training.train(_config(tiny, out, max_train_steps=1, checkpointing_steps=1))
+    assert training.train(_config(tiny, out, max_train_steps=2, checkpointing_steps=1,
+                                  train_data_dir=str(tiny["sage"] / "train"), resume_from_checkpoint="latest")) == out
+    state = json.loads((out / "checkpoint-2" / training.STATE_NAME).read_text())
+    assert state["global_step"] == 2 and state["run"]["data"]["metadata"].endswith("train/metadata.jsonl")
 
 
 def test_train_py_turns_bad_input_into_one_clear_message(tiny, tmp_path, capsys):

@@ -27,7 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    banned = read_banned_lists(args.users) if args.users else None
+    try:
+        banned = read_banned_lists(args.users) if args.users else None
+    except (ValueError, FileNotFoundError) as err:  # the message names the file, row and field
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     embedding_ids = None
     if args.embeds:
         embedding_ids = store_user_ids(open_embedding_store(args.embeds))

@@ -6,6 +6,7 @@ about a sample comes from a generator seeded by the run seed and the sample's po
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -13,7 +14,14 @@ import numpy as np
 import torch
 
 from psa_adapter.data.embeddings import MissingEmbeddingError
-from psa_adapter.data.sage import METADATA_NAME, SageFormatError, SageRecord, parse_image_name, read_metadata
+from psa_adapter.data.sage import (
+    METADATA_NAME,
+    SageFormatError,
+    SageRecord,
+    parse_image_name,
+    read_metadata,
+    resolve_split_dir,
+)
 from psa_adapter.data.sampling import STREAM_AUGMENT, STREAM_NOISE, derive_seed, sample_generator
 from psa_adapter.data.transforms import hflip, preprocess_image
 
@@ -22,7 +30,8 @@ class SageDataset(torch.utils.data.Dataset):
     """Chosen/rejected image pairs of one SAGE split with their caption and user embedding.
 
     Args:
-        root, split: the data lives in ``<root>/<split>/metadata.jsonl`` plus images beside it.
+        root, split: the split folder holding ``metadata.jsonl`` and the images, or a SAGE root holding
+            ``<split>/metadata.jsonl`` (``sage.resolve_split_dir``).
         embeddings: a store with ``store[user_id] -> (E,)`` (required unless ``non_personalised``). Every user of
             the split must have an embedding; a missing one raises at construction, naming the user and line.
         resolution: output size of the square center crop.
@@ -43,7 +52,7 @@ class SageDataset(torch.utils.data.Dataset):
                  random_flip: bool = True, proportion_empty_prompts: float = 0.0, seed: int = 0,
                  non_personalised: bool = False, max_samples: int | None = None, cache=None,
                  check_images: bool = True):
-        self.split_dir = Path(root) / split
+        self.split_dir = resolve_split_dir(root, split)
         self.metadata_path = self.split_dir / METADATA_NAME
         records = read_metadata(self.metadata_path)
         if max_samples is not None:
@@ -104,6 +113,14 @@ class SageDataset(torch.utils.data.Dataset):
         if len(dims) != 1:
             raise ValueError(f"user embeddings have different lengths {sorted(dims)}")
         self.embed_dim = dims.pop()
+
+    def identity(self) -> dict:
+        """What this data set is, for checkpoints: the metadata file, its SHA-256 and the number of records used."""
+        digest = hashlib.sha256()
+        with self.metadata_path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        return {"metadata": str(self.metadata_path.resolve()), "sha256": digest.hexdigest(), "records": len(self)}
 
     def image_path(self, name: str) -> Path:
         """The file of an image name (relative to the split folder; names were checked to stay inside it)."""

@@ -8,12 +8,11 @@ bans the category, else the unsafe one (``_u``); for the safe caption the chosen
 
 from __future__ import annotations
 
-import ast
-import csv
 import json
 import os
 import re
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,8 +83,6 @@ class SageRecord:
 
 def _record_from_json(obj, path: Path, line: int) -> SageRecord:
     where = f"{path}:{line}"
-    if not isinstance(obj, dict):
-        raise SageFormatError(f"{where}: expected a JSON object, found {type(obj).__name__}")
     for name, kind in REQUIRED_FIELDS.items():
         if name not in obj:
             raise SageFormatError(f"{where}: missing field {name!r} (a record needs {sorted(REQUIRED_FIELDS)})")
@@ -110,12 +107,31 @@ def check_relative_name(name: str, where: str) -> None:
         raise SageFormatError(f"{where}: image path {name!r} escapes the split folder (paths must stay inside it)")
 
 
-def read_metadata(path: str | Path) -> list[SageRecord]:
-    """All records of a ``metadata.jsonl``; the first malformed line raises SageFormatError naming file:line."""
+def resolve_split_dir(data_dir: str | Path, split: str) -> Path:
+    """The split folder holding ``metadata.jsonl``: ``data_dir`` itself when it holds one (the reference's
+    ``--train_data_dir ./data/sage/train``), else ``<data_dir>/<split>`` (a SAGE root). Neither: FileNotFoundError
+    naming both paths tried."""
+    data_dir = Path(data_dir)
+    if (data_dir / METADATA_NAME).is_file():
+        return data_dir
+    split_dir = data_dir / split
+    if (split_dir / METADATA_NAME).is_file():
+        return split_dir
+    raise FileNotFoundError(
+        f"SAGE metadata not found: neither {data_dir / METADATA_NAME} (a split folder) nor "
+        f"{split_dir / METADATA_NAME} (a SAGE root with split {split!r}) exists"
+    )
+
+
+def iter_metadata_objects(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """``(line number, JSON object)`` for each non-blank line of a ``metadata.jsonl`` (1-based line numbers).
+
+    The one reader of the file's lines: a line that is not a JSON object raises SageFormatError naming file:line.
+    What a record must hold is the caller's to check (``read_metadata`` for training, infer.py for prompts).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"SAGE metadata not found: {path} (expected <root>/<split>/{METADATA_NAME})")
-    records = []
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -125,7 +141,14 @@ def read_metadata(path: str | Path) -> list[SageRecord]:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
                 raise SageFormatError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from err
-            records.append(_record_from_json(obj, path, number))
+            if not isinstance(obj, dict):
+                raise SageFormatError(f"{where}: expected a JSON object, found {type(obj).__name__}")
+            yield number, obj
+
+
+def read_metadata(path: str | Path) -> list[SageRecord]:
+    """All records of a ``metadata.jsonl``; the first malformed line raises SageFormatError naming file:line."""
+    records = [_record_from_json(obj, Path(path), number) for number, obj in iter_metadata_objects(path)]
     if not records:
         raise SageFormatError(f"{path}: no records")
     return records
@@ -134,31 +157,14 @@ def read_metadata(path: str | Path) -> list[SageRecord]:
 def read_banned_lists(users_csv: str | Path) -> dict[str, set[str]]:
     """Banned categories per user id from a reference ``users.csv``.
 
-    Ids come from a ``User_ID`` column when there is one, else data row r is user ``f"{r:07d}"`` (the reference).
-    A minimal reader for validation; the users package owns the full profile format.
+    Only ``Banned_Categories`` is required (a file of banned lists alone will do); rows, ids (a ``User_ID`` column,
+    else data row r is user ``f"{r:07d}"``) and errors are those of the users package's reader.
     """
-    users_csv = Path(users_csv)
-    banned = {}
-    with users_csv.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
-        if reader.fieldnames is None or "Banned_Categories" not in reader.fieldnames:
-            raise ValueError(f"{users_csv}: expected a 'Banned_Categories' column, found {reader.fieldnames}")
-        has_id = "User_ID" in reader.fieldnames
-        for row_number, row in enumerate(reader, start=1):
-            where = f"{users_csv}: data row {row_number}"
-            try:
-                value = ast.literal_eval(row["Banned_Categories"])
-            except (ValueError, SyntaxError) as err:
-                raise ValueError(f"{where}: Banned_Categories is not a list literal: {row['Banned_Categories']!r}") \
-                    from err
-            unknown = [c for c in value if c not in CATEGORIES]
-            if unknown:
-                raise ValueError(f"{where}: unknown categories {unknown} (known: {list(CATEGORIES)})")
-            user_id = row["User_ID"].strip() if has_id else f"{row_number:07d}"
-            if user_id in banned:
-                raise ValueError(f"{where}: user {user_id} appears twice")
-            banned[user_id] = set(value)
-    return banned
+    from psa_adapter.users.profile import open_users_csv, parse_list_cell
+
+    _, rows = open_users_csv(users_csv, ("Banned_Categories",))
+    return {user_id: set(parse_list_cell(row["Banned_Categories"], where=f"{where}, field Banned_Categories"))
+            for user_id, row, where in rows}
 
 
 def expected_chosen_variant(record: SageRecord, category: str, banned: set[str]) -> str:

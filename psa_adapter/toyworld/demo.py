@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from psa_adapter.utils import atomic_write, atomic_write_text
+from psa_adapter.utils import atomic_write, atomic_write_text, image_grid
 
 REPO = Path(__file__).resolve().parents[2]
 METHODS = ("base", "safetydpo", "prompt", "psa")
@@ -453,20 +453,19 @@ def write_grid(settings: DemoSettings, items: dict[str, list[Item]], path: Path,
     for name in LEVELS:
         rows.append((f"PSA {name}", settings.gen_dir("psa"), f"{name}/"))
     size = 32 * scale
-    pad, left, top = 4, 150, 34
+    pad, left, top = 4, 150, 34  # pad: white pixels between images; left, top: room for the labels
     canvas = Image.new("RGB", (left + len(grid_items) * (size + pad), top + len(rows) * (size + pad)), "white")
+    images = [Image.open(folder / f"{prefix}{it.file}").convert("RGB").resize((size, size), Image.NEAREST)
+              for _, folder, prefix in rows for it in grid_items]
+    canvas.paste(image_grid(images, cols=len(grid_items), border=pad // 2), (left - pad // 2, top - pad // 2))
     draw = ImageDraw.Draw(canvas)
     for j, it in enumerate(grid_items):
         words = it.caption.removeprefix("a ").split(" with ")
         x = left + j * (size + pad)
         draw.text((x + 2, 2), words[0], fill="black")
         draw.text((x + 2, 16), f"+ {words[1]}" if len(words) > 1 else "(benign)", fill="black")
-    for i, (label, folder, prefix) in enumerate(rows):
-        y = top + i * (size + pad)
-        draw.text((4, y + size // 2 - 6), label, fill="black")
-        for j, it in enumerate(grid_items):
-            img = Image.open(folder / f"{prefix}{it.file}").convert("RGB").resize((size, size), Image.NEAREST)
-            canvas.paste(img, (left + j * (size + pad), y))
+    for i, (label, _, _) in enumerate(rows):
+        draw.text((4, top + i * (size + pad) + size // 2 - 6), label, fill="black")
     atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
 
 

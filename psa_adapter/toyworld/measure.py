@@ -14,7 +14,7 @@ import torch
 from psa_adapter.toyworld.base_model import load_base_pipeline
 from psa_adapter.toyworld.judge import ToyJudge, frechet_distance
 from psa_adapter.toyworld.sage import BENIGN_STREAM
-from psa_adapter.utils import atomic_write, atomic_write_text
+from psa_adapter.utils import atomic_write, atomic_write_text, image_grid
 
 
 @torch.no_grad()
@@ -30,17 +30,6 @@ def generate(pipe, prompts: list[str], seed: int = 2025, steps: int = 20, guidan
                       negative_prompt=neg, output_type="np").images
         out.append(np.clip(np.rint(images * 255), 0, 255).astype(np.uint8))
     return np.concatenate(out)
-
-
-def image_grid(images: np.ndarray, ncols: int, scale: int = 3) -> np.ndarray:
-    """Tile uint8 ``(N, H, W, 3)`` images into one uint8 picture, ``ncols`` per row, upscaled ``scale`` x."""
-    n, h, w, _ = images.shape
-    rows = -(-n // ncols)
-    grid = np.full((rows * (h + 2), ncols * (w + 2), 3), 255, dtype=np.uint8)
-    for i, img in enumerate(images):
-        r, c = divmod(i, ncols)
-        grid[r * (h + 2) + 1 : r * (h + 2) + 1 + h, c * (w + 2) + 1 : c * (w + 2) + 1 + w] = img
-    return grid.repeat(scale, 0).repeat(scale, 1)
 
 
 def measure_base(base: str | os.PathLike, judge_path: str | os.PathLike, out: str | os.PathLike | None = None, *,
@@ -98,12 +87,10 @@ def measure_base(base: str | os.PathLike, judge_path: str | os.PathLike, out: st
         "generation_seconds": round(gen_seconds, 1),
     }
     if out is not None:
-        from PIL import Image
-
         out = Path(out)
         atomic_write_text(out / "results.json", json.dumps(results, indent=2))
         # Rows: one per category (first 12 harmful images), then safe captions.
         rows = [img_h[req_idx == j][:12] for j in range(len(cats))] + [img_s[:12]]
-        grid = image_grid(np.concatenate(rows), ncols=12)
-        atomic_write(out / "grid.png", lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
+        grid = image_grid(list(np.concatenate(rows)), cols=12, border=1, scale=3)
+        atomic_write(out / "grid.png", lambda tmp: grid.save(tmp, format="PNG"))
     return results

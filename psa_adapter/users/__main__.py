@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", choices=("rules", "llm"), default="rules")
     p.add_argument("--users", required=True, help="input users CSV")
     p.add_argument("--out", required=True, help="output users CSV with Banned/Allowed columns")
-    p.add_argument("--template", help="llm only: prompt template (default data/policy_prompt.txt)")
+    p.add_argument("--template", help="llm only: prompt template (default: the packaged policy_prompt.txt)")
     llm_options(p)
     p.set_defaults(func=cmd_assign)
 
@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users", required=True, help="users CSV with Banned_Categories")
     p.add_argument("--out", required=True, help="output .safetensors store")
     p.add_argument("--batch-size", type=int, default=None, help="users per forward pass (encoder default)")
-    p.add_argument("--template", help="safety-statement template (default data/statement_template.txt)")
+    p.add_argument("--template", help="safety-statement template (default: the packaged statement_template.txt)")
     llm_options(p)
     p.set_defaults(func=cmd_embed)
 
@@ -156,8 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--profile", help="a person's profile file (.yaml/.json) with a banned list")
     src.add_argument("--level", help="a named level, L0..L5")
-    p.add_argument("--levels-file", help="levels YAML (default data/levels.yaml)")
-    p.add_argument("--template", help="safety-statement template (default data/statement_template.txt)")
+    p.add_argument("--levels-file", help="levels YAML (default: the packaged levels.yaml)")
+    p.add_argument("--template", help="safety-statement template (default: the packaged statement_template.txt)")
     p.set_defaults(func=cmd_statement)
 
     p = sub.add_parser("import-npy", help="convert a folder of reference <User_ID>.npy files to a store")
@@ -171,12 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("agreement", help="compare a policy with the banned lists in a users CSV")
     p.add_argument("--policy", choices=("rules", "llm"), default="rules")
     p.add_argument("--users", required=True, help="users CSV with reference Banned_Categories")
-    p.add_argument("--template", help="llm only: prompt template (default data/policy_prompt.txt)")
+    p.add_argument("--template", help="llm only: prompt template (default: the packaged policy_prompt.txt)")
     llm_options(p)
     p.set_defaults(func=cmd_agreement)
 
     p = sub.add_parser("levels", help="list the named strictness levels")
-    p.add_argument("--levels-file", help="levels YAML (default data/levels.yaml)")
+    p.add_argument("--levels-file", help="levels YAML (default: the packaged levels.yaml)")
     p.set_defaults(func=cmd_levels)
     return parser
 

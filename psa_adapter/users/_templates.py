@@ -1,4 +1,4 @@
-"""Locating files in the repository's data/ folder and filling text templates."""
+"""Locating the package's resource files (level presets, prompt templates) and filling text templates."""
 
 from __future__ import annotations
 
@@ -10,18 +10,21 @@ from pathlib import Path
 from .categories import CATEGORIES
 from .profile import UserProfile
 
+#: Shipped inside the package (package data), so a non-editable install has them too.
+RESOURCES = ("levels.yaml", "policy_prompt.txt", "statement_template.txt")
 
-def data_dir() -> Path:
-    """The repository's data/ folder (psa_adapter/users/_templates.py -> parents[2] is the repository root)."""
-    return Path(__file__).resolve().parents[2] / "data"
+
+def resources_dir() -> Path:
+    """The package's resource folder ``psa_adapter/users/resources/`` (its files: ``RESOURCES``)."""
+    return Path(__file__).resolve().parent / "resources"
 
 
 def load_template(path: str | os.PathLike | None, default_name: str, fields: set[str]) -> tuple[str, Path]:
     """Read a str.format template and check it uses only `fields` (doubled braces are literal braces).
 
-    Returns (text, resolved path). `path` None means data/<default_name>.
+    Returns (text, resolved path). `path` None means the packaged resources/<default_name>.
     """
-    path = Path(path) if path is not None else data_dir() / default_name
+    path = Path(path) if path is not None else resources_dir() / default_name
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -25,15 +25,15 @@ _STATEMENT_FIELDS = {"user_id", "age", "age_group", "gender", "religion", "physi
 
 
 def load_statement_template(path: str | os.PathLike | None = None) -> str:
-    """The safety-statement template (default data/statement_template.txt)."""
+    """The safety-statement template (default: the packaged resources/statement_template.txt)."""
     return load_template(path, "statement_template.txt", _STATEMENT_FIELDS)[0]
 
 
 def safety_statement(profile: UserProfile, template: str | None = None) -> str:
     """The text that is embedded for a user: the profile in words plus the banned and allowed lists.
 
-    `template` is template text (default: data/statement_template.txt). Raises ValueError if the profile has no
-    banned list yet.
+    `template` is template text (default: the packaged resources/statement_template.txt). Raises ValueError if the
+    profile has no banned list yet.
     """
     template = load_statement_template() if template is None else template
     return template.format(**profile_text_fields(profile, need_banned=True)).strip()

@@ -1,4 +1,4 @@
-"""Named strictness levels L0..L5: the reference's fixed users, stored in data/levels.yaml."""
+"""Named strictness levels L0..L5: the reference's fixed users, stored in the packaged resources/levels.yaml."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 import re
 from pathlib import Path
 
-from ._templates import data_dir
+from ._templates import resources_dir
 from .profile import ProfileError, UserProfile, profile_from_mapping
 
 
@@ -18,7 +18,7 @@ class UnknownLevelError(KeyError):
 
 
 def _levels_file(path: str | os.PathLike | None) -> Path:
-    return Path(path) if path is not None else data_dir() / "levels.yaml"
+    return Path(path) if path is not None else resources_dir() / "levels.yaml"
 
 
 def _read_levels(path: str | os.PathLike | None) -> tuple[Path, dict]:
@@ -35,7 +35,7 @@ def _read_levels(path: str | os.PathLike | None) -> tuple[Path, dict]:
 
 
 def level_names(path: str | os.PathLike | None = None) -> list[str]:
-    """Level names in file order (["L0", ..., "L5"] for the default data/levels.yaml)."""
+    """Level names in file order (["L0", ..., "L5"] for the packaged levels.yaml)."""
     return list(_read_levels(path)[1])
 
 
@@ -49,7 +49,7 @@ def _canonical(name: str, names: list[str]) -> str | None:
 def load_level(name: str, path: str | os.PathLike | None = None) -> UserProfile:
     """The profile (with its banned list) of a named level, e.g. load_level("L3").
 
-    `path` overrides the default data/levels.yaml. An unknown name raises UnknownLevelError listing valid names.
+    `path` overrides the packaged levels.yaml. An unknown name raises UnknownLevelError listing valid names.
     """
     path, data = _read_levels(path)
     names = list(data)

@@ -153,7 +153,8 @@ def load_causal_lm(model: str | os.PathLike, *, gguf_file: str | None = None, dt
 
 
 class LLMPolicy:
-    """Ask a local chat model which categories to ban, with the prompt template in data/policy_prompt.txt.
+    """Ask a local chat model which categories to ban, with the prompt template in policy_prompt.txt
+    (packaged in ``psa_adapter/users/resources/``).
 
     Decoding is greedy by default, so the answer is a function of (model, template, profile). The assistant's
     reply is started with `response_prefix` ("[" by default: small models then answer with a list instead of prose);

@@ -9,6 +9,7 @@ import json
 import numbers
 import os
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -209,7 +210,8 @@ def profile_from_mapping(data: dict, *, where: str) -> UserProfile:
 # users.csv
 
 
-def _parse_list_cell(text: str, *, where: str) -> tuple[str, ...]:
+def parse_list_cell(text: str, *, where: str) -> tuple[str, ...]:
+    """A users.csv list cell such as "['Hate', 'Violence']" -> canonical category names, sorted."""
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -222,13 +224,15 @@ def _parse_list_cell(text: str, *, where: str) -> tuple[str, ...]:
         raise ProfileError(str(e)) from None
 
 
-def read_users_csv(path: str | os.PathLike) -> list[UserProfile]:
-    """Read a users table in the reference format (upstream `users.csv`).
+def open_users_csv(
+    path: str | os.PathLike, required: Sequence[str]
+) -> tuple[list[str], Iterator[tuple[str, dict[str, str], str]]]:
+    """Open a users table in the reference format: ``(header, rows)``, rows giving ``(user_id, row, where)``.
 
-    Columns Age, Age_Group, Gender, Religion, Physical_Condition, Mental_Condition are required; Banned_Categories
-    and Allowed_Categories (Python-list strings) are optional but come together. Without a User_ID column, data
-    row r (1-based) is user f"{r:07d}", as in the reference. Extra columns (Cluster_ID, tsne_x, ...) are ignored.
-    Errors name the file, the row, its line and the field.
+    The one reader of users.csv rows (profiles: ``read_users_csv``; banned lists alone: ``data.read_banned_lists``).
+    Checks that the ``required`` columns are present and that every row has as many fields as the header. Without
+    a User_ID column, data row r (1-based) is user f"{r:07d}", as in the reference; a repeated id is an error.
+    ``where`` ("<file> row r (line n)") prefixes the caller's own messages about the row.
     """
     path = Path(path)
     try:
@@ -237,32 +241,49 @@ def read_users_csv(path: str | os.PathLike) -> list[UserProfile]:
     except FileNotFoundError:
         raise FileNotFoundError(f"users file not found: {path}") from None
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    header = reader.fieldnames or []
-    missing = [c for c in PROFILE_COLUMNS if c not in header]
+    header = list(reader.fieldnames or [])
+    missing = [c for c in required if c not in header]
     if missing:
         raise ProfileError(f"{path}: missing column(s) {missing}; found columns {header}")
+
+    def rows() -> Iterator[tuple[str, dict[str, str], str]]:
+        seen: dict[str, int] = {}
+        for r, row in enumerate(reader, start=1):
+            where = f"{path} row {r} (line {reader.line_num})"
+            if None in row or any(row[c] is None for c in header):
+                raise ProfileError(f"{where}: expected {len(header)} fields as in the header, found a different "
+                                   "number")
+            user_id = row[ID_COLUMN].strip() if ID_COLUMN in header else f"{r:07d}"
+            if user_id in seen:
+                raise ProfileError(f"{where}, field User_ID: user {user_id} already appears in row {seen[user_id]}")
+            seen[user_id] = r
+            yield user_id, row, where
+
+    return header, rows()
+
+
+def read_users_csv(path: str | os.PathLike) -> list[UserProfile]:
+    """Read a users table in the reference format (upstream `users.csv`).
+
+    Columns Age, Age_Group, Gender, Religion, Physical_Condition, Mental_Condition are required; Banned_Categories
+    and Allowed_Categories (Python-list strings) are optional but come together. Without a User_ID column, data
+    row r (1-based) is user f"{r:07d}", as in the reference. Extra columns (Cluster_ID, tsne_x, ...) are ignored.
+    Errors name the file, the row, its line and the field.
+    """
+    header, rows = open_users_csv(path, PROFILE_COLUMNS)
     has_lists = [c for c in LIST_COLUMNS if c in header]
     if has_lists == ["Allowed_Categories"]:
         raise ProfileError(f"{path}: has Allowed_Categories but no Banned_Categories column")
-    has_id = ID_COLUMN in header
     profiles: list[UserProfile] = []
-    seen: dict[str, int] = {}
-    for r, row in enumerate(reader, start=1):
-        where = f"{path} row {r} (line {reader.line_num})"
-        if None in row or any(row[c] is None for c in header):
-            raise ProfileError(f"{where}: expected {len(header)} fields as in the header, found a different number")
+    for user_id, row, where in rows:
         age_text = row["Age"].strip()
         if not re.fullmatch(r"-?\d+", age_text):
             raise ProfileError(f"{where}, field Age: expected a non-negative integer, got {row['Age']!r}")
         if int(age_text) < 0:
             raise ProfileError(f"{where}, field Age: expected a non-negative integer, got {int(age_text)}")
-        user_id = row[ID_COLUMN].strip() if has_id else f"{r:07d}"
-        if user_id in seen:
-            raise ProfileError(f"{where}, field User_ID: user {user_id} already appears in row {seen[user_id]}")
-        seen[user_id] = r
         banned = None
         if has_lists:
-            banned = _parse_list_cell(row["Banned_Categories"], where=f"{where}, field Banned_Categories")
+            banned = parse_list_cell(row["Banned_Categories"], where=f"{where}, field Banned_Categories")
         # center_users.csv writes "no religion" as an empty field; the other reference files write "None".
         religion = row["Religion"] if row["Religion"].strip() else "None"
         try:
@@ -279,7 +300,7 @@ def read_users_csv(path: str | os.PathLike) -> list[UserProfile]:
         except ProfileError as e:
             raise ProfileError(f"{where}: {e}") from None
         if "Allowed_Categories" in has_lists:
-            allowed = _parse_list_cell(row["Allowed_Categories"], where=f"{where}, field Allowed_Categories")
+            allowed = parse_list_cell(row["Allowed_Categories"], where=f"{where}, field Allowed_Categories")
             if allowed != profile.allowed:
                 raise ProfileError(
                     f"{where}, field Allowed_Categories: {list(allowed)} is not the complement of Banned_Categories "
