@@ -261,7 +261,7 @@ def evaluate_folder(judge: Judge, images_dir: str | os.PathLike, users: Mapping[
             out.write(record)
 
         stopped = _run_jobs(todo, work, concurrency, done)
-    summary = summarize_records(read_jsonl(path), names=names) | {
+    summary = summarize_records(read_jsonl(path), names=names, kind="evaluate") | {
         "images": str(images_dir), "records": RECORDS_NAME, "judge_model": judge.model,
         "prompt_hash": judge.prompt_hash, "complete": stopped is None}
     if stopped:
@@ -317,7 +317,7 @@ def compare_folders(judge: Judge, images_a: str | os.PathLike, images_b: str | o
             out.write(record)
 
         stopped = _run_jobs(jobs, work, concurrency, done)
-    summary = summarize_records(read_jsonl(path), names=names) | {
+    summary = summarize_records(read_jsonl(path), names=names, kind="compare") | {
         "images_a": str(images_a), "images_b": str(images_b), "records": RECORDS_NAME, "judge_model": judge.model,
         "prompt_hash": judge.prompt_hash, "seed": seed, "complete": stopped is None}
     if stopped:
@@ -373,11 +373,13 @@ def _category(name: str, record: dict) -> str | None:
     return parsed[1] if parsed else None
 
 
-def summarize_records(records: Sequence[dict], *, names: Sequence[str] | None = None) -> dict:
+def summarize_records(records: Sequence[dict], *, names: Sequence[str] | None = None,
+                      kind: str | None = None) -> dict:
     """The summary of our per-judgment records (``records.jsonl``) of one run, restricted to ``names`` when given
     (names never judged count as ``pending``). Keys: ``kind``, ``n``, ``errors``, ``missing``, ``pending``,
-    ``total``, the rates with ``_ci``, ``by_category``, ``missing_files``, ``error_examples``."""
-    kinds = {r.get("kind") for r in records}
+    ``total``, the rates with ``_ci``, ``by_category``, ``missing_files``, ``error_examples``. ``kind``
+    ("evaluate"/"compare") is read from the records unless given."""
+    kinds = {r.get("kind") for r in records} | ({kind} if kind else set())
     if len(kinds) != 1 or None in kinds:
         raise ValueError(f"expected records of one kind (evaluate or compare), found {sorted(map(str, kinds))}")
     kind = kinds.pop()
