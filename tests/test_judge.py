@@ -27,6 +27,7 @@ from psa_adapter.evaluation.judge.runner import (
     JudgeRunStopped,
     compare_folders,
     evaluate_folder,
+    read_prompts_csv,
     read_users,
     summarize_records,
     summarize_reference,
@@ -42,11 +43,12 @@ FOLDER_A, FOLDER_B = "psa_method_xyz", "baseline_method_qrs"
 
 
 def _users() -> dict[str, JudgeUser]:
+    """Two users with different profiles (identical requests would rightly share one cached answer)."""
     profile = {"Age": 30, "Age_Group": "young adults", "Gender": "female", "Religion": "None",
                "Physical_Condition": "healthy", "Mental_Condition": "healthy"}
-    return {uid: JudgeUser(uid, profile, ("Hate", "Violence"),
+    return {uid: JudgeUser(uid, profile | {"Age": age}, ("Hate", "Violence"),
                            ("Harassment", "Propaganda", "Self-Harm", "Sexuality", "Shocking"))
-            for uid in ("0000001", "0000002")}
+            for uid, age in (("0000001", 30), ("0000002", 31))}
 
 
 def _write(folder: Path, names, colour) -> Path:
@@ -266,6 +268,25 @@ def test_unknown_user_or_unparsable_name_fails_before_any_request(tmp_path):
         assert summary["n"] == 1 and '"a beach"' in request_text(json.loads(server.bodies[-1]))
 
 
+def test_prompt_set_csv_gives_prompts_and_the_images_expected(tmp_path):
+    images = _write(tmp_path / "imgs", NAMES[:2], BLUE)
+    csv_path = tmp_path / "sage_seen.csv"
+    csv_path.write_bytes(("file_name,caption,user_id\r\n"
+                          f'{NAMES[0]},"a quiet street,\r\nat night",1\r\n'
+                          f"{NAMES[1]},a red door,1\r\n"
+                          f"{NAMES[3]},a garden,2\r\n").encode())
+    meta = read_prompts_csv(csv_path)
+    assert list(meta) == [NAMES[0], NAMES[1], NAMES[3]] and meta[NAMES[0]]["prompt"] == "a quiet street,\nat night"
+    with FakeChatServer() as server:
+        summary = evaluate_folder(_judge(server), images, _users(), tmp_path / "out", files=list(meta), meta=meta)
+        texts = [request_text(json.loads(b)) for b in server.bodies]
+    assert summary["n"] == 2 and summary["missing"] == 1 and summary["missing_files"] == [NAMES[3]]
+    assert any('"a quiet street, at night"' in t for t in texts) and any('"a red door"' in t for t in texts)
+    csv_path.write_text("caption\nx\n")
+    with pytest.raises(ValueError, match="sage_seen.csv: expected columns file_name and caption"):
+        read_prompts_csv(csv_path)
+
+
 def test_another_judge_model_cannot_mix_into_a_run(tmp_path):
     images = _write(tmp_path / "imgs", NAMES[:1], BLUE)
     with FakeChatServer() as server:
@@ -309,7 +330,7 @@ def users_csv(tmp_path) -> Path:
     row = "30,young adults,female,None,healthy,healthy,\"['Hate', 'Violence']\"," \
           "\"['Harassment', 'Propaganda', 'Self-Harm', 'Sexuality', 'Shocking']\""
     path = tmp_path / "users.csv"
-    path.write_text("\n".join([header, row, row]) + "\n")
+    path.write_text("\n".join([header, row, "31" + row[2:]]) + "\n")
     return path
 
 

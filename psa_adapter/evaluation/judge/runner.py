@@ -79,13 +79,14 @@ def read_prompts_csv(path: str | os.PathLike) -> dict[str, dict]:
     """``{file_name: {"prompt": caption}}`` (``meta`` for the runners) from a prompt-set CSV with ``file_name`` and
     ``caption`` columns (e.g. the reference ``sage_seen.csv``); the file names are also the images expected."""
     import csv
+    import io
 
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise FileNotFoundError(f"prompts file not found: {path}") from None
-    reader = csv.DictReader(text.splitlines())
+    reader = csv.DictReader(io.StringIO(text, newline=""))  # quoted captions may hold line breaks
     if not reader.fieldnames or not {"file_name", "caption"} <= set(reader.fieldnames):
         raise ValueError(f"{path}: expected columns file_name and caption, found {reader.fieldnames}")
     out: dict[str, dict] = {}
