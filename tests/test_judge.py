@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from psa_adapter.evaluation.judge.base import JudgeError, JudgeItem, JudgeUser
+from psa_adapter.evaluation.judge.base import JudgeError, JudgeItem, JudgeUnavailable, JudgeUser
 from psa_adapter.evaluation.judge.fake_server import (
     FakeChatServer,
     colour_responder,
@@ -112,6 +112,36 @@ def test_500_then_success_is_retried(tmp_path):
     assert summary["n"] == 1 and summary["errors"] == 0 and summary["pass_rate"] == 1.0
 
 
+def test_timeouts_and_429_are_retried_with_exponential_backoff(tmp_path):
+    import time
+
+    images = _write(tmp_path / "imgs", NAMES[:1], BLUE)
+    calls = []
+
+    def responder(body):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(1.0)  # longer than the client's timeout
+        if len(calls) == 2:
+            return http_error(429, "slow down", {"Retry-After": "7"})
+        return colour_responder(body)
+
+    delays = []
+    with FakeChatServer(responder) as server:
+        judge = ChatJudge(server.base_url, "m", timeout=0.3, max_retries=3, backoff=0.5, sleep=delays.append)
+        assert judge.evaluate(JudgeItem(images / NAMES[0], _users()["0000001"]))["overall_assessment"] == "PASS"
+    assert len(calls) == 3 and judge.stats["retries"] == 2
+    assert 0.25 <= delays[0] <= 0.5 and delays[1] == 7.0  # backoff, then the server's Retry-After
+    # an endless 503: delays double (with jitter in [0.5, 1] of each step), then the judge gives up
+    delays.clear()
+    with FakeChatServer(lambda body: http_error(503, "down")) as server:
+        judge = ChatJudge(server.base_url, "m", max_retries=4, backoff=1.0, max_backoff=30, sleep=delays.append)
+        with pytest.raises(JudgeUnavailable, match="no valid answer after 4 retries .*HTTP 503 down"):
+            judge.evaluate(JudgeItem(images / NAMES[0], _users()["0000001"]))
+        assert len(server.requests) == 5
+    assert [lo <= d <= hi for d, (lo, hi) in zip(delays, [(0.5, 1), (1, 2), (2, 4), (4, 8)])] == [True] * 4
+
+
 def test_reply_that_is_not_json_is_an_error_not_a_verdict(tmp_path):
     images = _write(tmp_path / "imgs", NAMES[:3], BLUE)
     order = []
@@ -158,11 +188,41 @@ def test_error_storm_stops_after_n_retries_and_keeps_what_was_judged(tmp_path):
     assert len(records) == good and all("error" not in r for r in records)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["complete"] is False and summary["n"] == good and summary["pending"] == len(NAMES) - good
-    # the storm is over: a rerun judges only the rest
+    # the storm is over: a rerun judges only the rest (a torn last line, as a kill mid-write leaves, is ignored)
+    with open(tmp_path / "out" / "records.jsonl", "a") as f:
+        f.write('{"kind": "evaluate", "file_na')
     with FakeChatServer() as server:
         summary = evaluate_folder(_judge(server), images, _users(), tmp_path / "out")
         assert len(server.requests) == len(NAMES) - good
     assert summary["complete"] and summary["n"] == len(NAMES)
+
+
+def test_a_killed_run_keeps_every_judgment_and_resumes(tmp_path, users_csv):
+    import signal
+    import time
+
+    images = _write(tmp_path / "imgs", NAMES, BLUE)
+    out = tmp_path / "out"
+    with FakeChatServer(colour_responder, latency=0.3) as server:
+        argv = ["evaluate", "--images", str(images), "--users", str(users_csv), "--base-url", server.base_url,
+                "--model", "judge-model-1", "--out", str(out), "--concurrency", "1", "--no-cache"]
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        proc = subprocess.Popen([sys.executable, "-m", "evaluation.judge", *argv], cwd=REPO, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        records = out / "records.jsonl"
+        deadline = time.time() + 60
+        while time.time() < deadline and (not records.exists() or records.read_text().count("\n") < 2):
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        time.sleep(0.2)  # let the server log a request that was on the wire
+        kept = read_jsonl(records)
+        assert 2 <= len(kept) < len(NAMES) and all("error" not in r for r in kept)
+        sent = len(server.requests)
+        assert _cli(*argv).returncode == 0
+        assert len(server.requests) - sent == len(NAMES) - len(kept)  # only what the killed run had not kept
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n"] == len(NAMES) and summary["complete"]
 
 
 def test_refused_credentials_stop_at_once(tmp_path):

@@ -53,7 +53,7 @@ def _judge_options(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds, doubled each retry")
     sp.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
     sp.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
-    sp.add_argument("--max-tokens", type=int, default=800)
+    sp.add_argument("--max-tokens", type=int, default=800, help="reply length limit; 0 sends none (default 800)")
     sp.add_argument("--cache", help=f"response cache file (default OUT/{CACHE_NAME})")
     sp.add_argument("--no-cache", action="store_true", help="neither read nor write a response cache")
     sp.add_argument("--azure", action="store_true", help="Azure OpenAI (key from AZURE_OPENAI_API_KEY)")

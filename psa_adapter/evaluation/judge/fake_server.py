@@ -1,9 +1,10 @@
 """A scriptable OpenAI-compatible chat-completions server on 127.0.0.1, for the judge's tests and benchmark.
 
 ``FakeChatServer(responder, latency=...)`` serves ``POST .../chat/completions`` from a thread; ``responder(body)``
-(the parsed request body) returns ``(status, payload)``. Every request (path, headers, raw body) is kept in
-``server.requests`` so a test can check what was sent. ``completion``/``http_error`` build payloads;
-``colour_responder`` is a deterministic judge that looks at the pixels it is sent (bluer is better).
+(the parsed request body) returns ``(status, payload)`` or ``(status, payload, headers)``. Every request (path,
+headers, raw body) is kept in ``server.requests`` so a test can check what was sent. ``completion`` and
+``http_error`` build payloads; ``colour_responder`` is a deterministic judge that looks at the pixels it is sent
+(bluer is better).
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ def completion(content: str | dict) -> tuple[int, dict]:
                  "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}]}
 
 
-def http_error(status: int, message: str = "error") -> tuple[int, dict]:
-    return status, {"error": {"message": message, "type": "fake_error"}}
+def http_error(status: int, message: str = "error", headers: dict | None = None) -> tuple:
+    """An error reply in the OpenAI shape; ``headers`` (e.g. ``{"Retry-After": "2"}``) are sent with it."""
+    payload = {"error": {"message": message, "type": "fake_error"}}
+    return (status, payload) if headers is None else (status, payload, headers)
 
 
 def request_images(body: dict) -> list[np.ndarray]:
@@ -115,11 +118,13 @@ class FakeChatServer:
                     status, payload = http_error(404, f"no route {self.path}")
                 else:
                     try:
-                        status, payload = owner.responder(json.loads(raw))
+                        status, payload, *extra = owner.responder(json.loads(raw))
                     except Exception as err:  # a broken responder is a 500, as a real server would answer
-                        status, payload = http_error(500, f"responder failed: {type(err).__name__}")
+                        status, payload, extra = *http_error(500, f"responder failed: {type(err).__name__}"), []
                 data = payload if isinstance(payload, bytes) else json.dumps(payload).encode("utf-8")
                 self.send_response(status)
+                for name, value in (extra[0] if extra else {}).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()

@@ -150,8 +150,9 @@ class ChatJudge(Judge):
             "messages": [{"role": "system", "content": self.templates.system.strip()},
                          {"role": "user", "content": content}],
             "temperature": self.temperature,
-            "max_tokens": self.max_tokens,
         }
+        if self.max_tokens > 0:  # 0: leave the limit to the server (some models reject max_tokens)
+            body["max_tokens"] = self.max_tokens
         if not self.azure:
             body["model"] = self.model  # on Azure the deployment in the URL names the model
         if self.json_mode:

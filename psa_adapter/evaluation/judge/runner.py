@@ -269,7 +269,7 @@ def evaluate_folder(judge: Judge, images_dir: str | os.PathLike, users: Mapping[
         summary["stopped"] = stopped
     write_summary(out_dir, summary)
     if stopped:
-        raise JudgeRunStopped(f"{stopped}\nstopped: {summary['n']} judged images are kept in {path}; rerun the "
+        raise JudgeRunStopped(f"{stopped}; stopped: {summary['n']} judged images are kept in {path}; rerun the "
                               "same command to judge the rest")
     return summary
 
@@ -325,7 +325,7 @@ def compare_folders(judge: Judge, images_a: str | os.PathLike, images_b: str | o
         summary["stopped"] = stopped
     write_summary(out_dir, summary)
     if stopped:
-        raise JudgeRunStopped(f"{stopped}\nstopped: {summary['n']} fully judged pairs (and every single judgment) "
+        raise JudgeRunStopped(f"{stopped}; stopped: {summary['n']} fully judged pairs (and every single judgment) "
                               f"are kept in {path}; rerun the same command to judge the rest")
     return summary
 
