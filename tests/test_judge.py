@@ -478,6 +478,10 @@ def test_summarize_reference_records(tmp_path):
     assert s["position_consistency"] is None and s["orders"] == 1 and s["n"] == 10
     assert s["name_a"] == "base" and s["name_b"] == "user_adapter"
     assert s["win_rate_b_ci"][0] < 0.6 < s["win_rate_b_ci"][1]
+    # a summary file is not per-image records: one clear line
+    (tmp_path / "summary_like.json").write_text(json.dumps({"sage_seen": {"psa_sd15": {"pass_rate": 85.5}}}, indent=1))
+    r = _cli("summarize", "--records", str(tmp_path / "summary_like.json"), "--out", str(tmp_path / "s3"))
+    assert r.returncode == 1 and "not per-image records" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_summarize_our_records_gives_the_run_summary(tmp_path):

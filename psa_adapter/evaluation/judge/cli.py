@@ -126,6 +126,13 @@ def _run(args) -> int:
                 raise ValueError(f"{path}: expected a JSON list of objects")
             summary = summarize_reference(records) | {"source": "reference", "judge_model": None, "prompt_hash": None}
         else:
+            try:
+                whole = json.loads(text)
+            except json.JSONDecodeError:
+                whole = None
+            if isinstance(whole, dict) and "kind" not in whole:  # our records always say their kind
+                raise ValueError(f"{path}: one JSON object, not per-image records (expected a JSON list of records, "
+                                 "or our records.jsonl); summary files cannot be re-tabulated")
             records = read_jsonl(path)
             if not records:
                 raise ValueError(f"{path}: no records")
