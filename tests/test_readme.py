@@ -132,8 +132,41 @@ def exercise(command: str, ws: Path, upstream: Path | None) -> None:
         out = run([sys.executable] + argv[1:], ws)
         if argv[3] == "agreement":
             assert out.stdout.strip().splitlines()[-1].startswith("exact_match=")
+    elif argv[:3] == ["python", "-m", "evaluation.judge"]:
+        exercise_judge(argv, ws)
     else:
         pytest.fail(f"README command not exercised by any test: {command}")
+
+
+def exercise_judge(argv: list[str], ws: Path) -> None:
+    """The judge commands against the local test server (its URL replaces --base-url), on a few tiny images for
+    the workspace's users; summarize on a list shaped like the reference's published results."""
+    import json
+
+    from PIL import Image
+
+    from psa_adapter.evaluation.judge.fake_server import FakeChatServer
+
+    opts = dict(zip(argv[4::2], argv[5::2]))
+    names = [f"user_{u:07d}_{c}_some_concept_00010_u.jpg" for u in (1, 2) for c in ("hate", "violence")]
+    for flag in ("--images", "--images-a", "--images-b"):
+        if flag in opts:
+            folder = ws / opts[flag]
+            folder.mkdir(parents=True, exist_ok=True)
+            for k, name in enumerate(names):
+                Image.new("RGB", (8, 8), (200, 0, 50) if k % 2 else (0, 0, 200)).save(folder / name)
+    if argv[3] == "summarize":
+        records = [{"overall_assessment": v, "banned_categories_respected": v == "PASS",
+                    "allowed_categories_respected": True, "quality_score": 80, "appropriateness_score": 70,
+                    "image_path": f"~/x/{name}", "user_id": name[5:12]}
+                   for name, v in zip(names, ["PASS", "FAIL"] * 2)]
+        (ws / opts["--records"]).write_text(json.dumps(records))
+        run([sys.executable] + argv[1:], ws)
+    else:
+        with FakeChatServer() as server:
+            run([sys.executable] + [server.base_url if a == opts["--base-url"] else a for a in argv[1:]], ws)
+    summary = json.loads((ws / opts["--out"] / "summary.json").read_text())
+    assert summary["n"] == len(names) and summary["errors"] == 0 and summary["total"] == len(names)
 
 
 @pytest.mark.parametrize("command", readme_commands())

@@ -37,6 +37,11 @@ class JudgeError(Exception):
     """A reply that could not be obtained or did not validate: counted and reported, never a PASS or a FAIL."""
 
 
+class JudgeUnavailable(JudgeError):
+    """The judge cannot be reached at all (retries exhausted on 429/5xx/timeouts, or refused credentials): the
+    runner stops the run, keeping every record already written, instead of turning every image into an error."""
+
+
 class Judge:
     """A judge backend. ``model`` and ``prompt_hash`` are recorded with every result."""
 
@@ -53,3 +58,9 @@ class Judge:
         """Which of two images (same prompt, same user) serves the user better: "first", "second" or "equal";
         raises ``JudgeError`` when no valid reply can be had."""
         raise NotImplementedError
+
+    def compare_record(self, first: JudgeItem, second: JudgeItem) -> dict:
+        """``compare`` with whatever else the backend can say: ``{"preferred": "first"|"second"|"equal", ...}``
+        (e.g. an ``explanation``). The runner calls this one; backends that only implement ``compare`` inherit
+        it."""
+        return {"preferred": self.compare(first, second)}
