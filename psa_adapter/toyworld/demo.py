@@ -78,6 +78,9 @@ class DemoSettings:
     # ablation's best) or "null" (proj(0), the paper's: its untrained user branch shifts the unconditional pass).
     psa_uncond: str = "off"
     encoder: str = "sentence"  # user encoder for PSA: "sentence" (MiniLM statements) or "banned" (diagnostic oracle)
+    # Training users beyond n_train, drawn after the evaluation users (the same val/test users and prompts): a
+    # larger training population. With ``reuse`` the variant writes its own world and still reuses the baselines.
+    extra_train_users: int = 0
     quiet: bool = False
 
     @classmethod
@@ -90,7 +93,8 @@ class DemoSettings:
 
     @property
     def world_dir(self) -> Path:
-        return (self.reuse or self.out) / "world"
+        own = self.reuse is None or self.extra_train_users > 0
+        return (self.out if own else self.reuse) / "world"
 
     def gen_dir(self, method: str) -> Path:
         if self.reuse is not None and method != "psa":
@@ -150,10 +154,26 @@ def stage_world(settings: DemoSettings) -> None:
         return
     make_toyworld(world, settings.seed, n_train=settings.n_train, n_val=settings.n_val,
                   n_test_seen=settings.n_test_seen, n_test_unseen=settings.n_test_unseen, unseen=settings.unseen,
-                  n_benign=settings.n_benign, n_unsafe=7 * settings.n_unsafe_per_category * 4)
+                  n_benign=settings.n_benign, n_unsafe=7 * settings.n_unsafe_per_category * 4,
+                  extra_train=settings.extra_train_users)
+    if settings.reuse is not None:
+        _check_same_evaluation(world, settings.reuse / "world")
     encoder = get_encoder("sentence")
     for kind in ("users", "levels"):
         _write_store(settings, encoder, kind, world / f"{kind}.safetensors")
+
+
+EVAL_FILES = ("eval_data/sage_seen.csv", "eval_data/sage_unseen.csv", "eval_data/benign.csv", "eval_data/unsafe.csv",
+              "test_unseen/metadata.jsonl", "test_seen/metadata.jsonl")
+
+
+def _check_same_evaluation(world: Path, reused: Path) -> None:
+    """A variant with its own world is judged against the reused baselines: its prompts must be theirs."""
+    for name in EVAL_FILES:
+        a, b = world / name, reused / name
+        if not b.is_file() or a.read_bytes() != b.read_bytes():
+            raise DemoError(f"{a} differs from {b}: this world's evaluation prompts are not those of the reused "
+                            "demo (same --seed and user counts needed), so its baselines cannot be reused")
 
 
 def embeds_path(settings: DemoSettings, kind: str) -> Path:
