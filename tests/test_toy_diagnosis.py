@@ -101,7 +101,7 @@ def test_diagnosis_of_a_run_folder(tmp_path):
                "settings": {"reuse": None}}
     (run / "results.json").write_text(json.dumps(results))
     (run / "logs").mkdir()
-    bar = "".join(f"\rsteps:  {s}%|#| {s}/4 [00:0{s}<00:00, 1.0it/s, loss={1.0 / s:.4f}, acc={s / 4:.2f}]"
+    bar = "".join(f"\rsteps:  {s}%|#| {s}/4 [00:0{s}<00:00,  3.39s/it, acc={s / 4:.2f}, loss={1.0 / s:.4f}]"
                   for s in range(1, 5))
     (run / "logs" / "train_psa.log").write_text("train.py ...\n" + bar)
     d = diagnose(run)

@@ -58,10 +58,11 @@ def training_curves(run: Path, every: int = 100) -> dict[str, list]:
         log = run / "logs" / "train_psa.log"
         if log.is_file():
             text = log.read_text(encoding="utf-8", errors="replace").replace("\r", "\n")
-            for m in re.finditer(r"steps:.*?\|\s*(\d+)/\d+ \[.*?loss=([-0-9.e+]+), acc=([0-9.]+)\]", text):
+            # tqdm lines such as "steps:   1%|  | 9/1000 [00:23<56:00,  3.39s/it, acc=0.75, loss=6.0576]"
+            for m in re.finditer(r"steps:[^\n]*?\|\s*(\d+)/\d+ \[[^\]\n]*?it(?:/s)?,([^\]\n]*)\]", text):
                 step = int(m.group(1))
-                raw.setdefault("loss", {})[step] = float(m.group(2))
-                raw.setdefault("implicit_acc", {})[step] = float(m.group(3))
+                for key, value in re.findall(r"(\w+)=([-0-9.e+]+)", m.group(2)):
+                    raw.setdefault({"acc": "implicit_acc"}.get(key, key), {})[step] = float(value)
     out: dict[str, list] = {"step": [], "source": "tensorboard" if events else "progress bar"}
     if not raw:
         return out
