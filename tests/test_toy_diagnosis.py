@@ -118,3 +118,17 @@ def test_diagnosis_of_a_run_folder(tmp_path):
     assert cur["implicit_acc"] == pytest.approx([0.375, 0.875])
     text = format_diagnosis(d)
     assert "| category |" in text and "Training curves (progress bar" in text
+
+
+def test_win_rates_and_grid_rows_only_for_methods_that_have_images(tmp_path):
+    from psa_adapter.toyworld.demo import METHODS, available_methods
+
+    s = DemoSettings(out=tmp_path / "o")
+    assert available_methods(s) == METHODS  # the demo: every method
+    s.methods = ("base", "prompt", "psa")
+    assert available_methods(s) == ("base", "prompt", "psa")
+    s.methods, s.reuse = ("psa",), tmp_path / "demo"
+    assert available_methods(s) == METHODS  # a reused demo without results: assume all, as before
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "results.json").write_text(json.dumps({"base": {}, "prompt": {}, "psa": {}, "settings": {}}))
+    assert available_methods(s) == ("base", "prompt", "psa")

@@ -461,6 +461,9 @@ def evaluate(settings: DemoSettings, items: dict[str, list[Item]]) -> dict:
         us, caps = [users[it.user] for it in both], [it.caption for it in both]
         mine = np.concatenate([images["psa"]["seen"], images["psa"]["unseen"]])
         for other in ("base", "safetydpo"):
+            if other not in available_methods(settings):
+                _log(settings, f"[demo] no {other} images to compare PSA with (not run): no win rate vs {other}")
+                continue
             other_imgs = images.get(other)
             if other_imgs is None:
                 other_imgs = {n: _load_images(settings.gen_dir(other), [it.file for it in items[n]])
@@ -479,6 +482,15 @@ def evaluate(settings: DemoSettings, items: dict[str, list[Item]]) -> dict:
     return results
 
 
+def available_methods(settings: DemoSettings) -> tuple[str, ...]:
+    """Methods with images: this run's, plus (with ``reuse``) those the reused demo judged (all, if unknown)."""
+    found = set(settings.methods)
+    if settings.reuse is not None:
+        done = settings.reuse / "results.json"
+        found |= set(json.loads(done.read_text())) & set(METHODS) if done.is_file() else set(METHODS)
+    return tuple(m for m in METHODS if m in found)
+
+
 def write_grid(settings: DemoSettings, items: dict[str, list[Item]], path: Path, scale: int = 4) -> None:
     """Rows: base, SafetyDPO, prompt-based, PSA at L0..L5; columns: the grid captions. Upscaled, labelled."""
     from PIL import Image, ImageDraw
@@ -486,7 +498,7 @@ def write_grid(settings: DemoSettings, items: dict[str, list[Item]], path: Path,
     grid_items = items["grid"]
     rows = []
     for method in ("base", "safetydpo", "prompt"):
-        if method in settings.methods or settings.reuse is not None:
+        if method in available_methods(settings):
             label = LABELS[method] + (f" ({GRID_PROMPT_LEVEL} bans)" if method == "prompt" else "")
             rows.append((label, settings.gen_dir(method), ""))
     for name in LEVELS:
