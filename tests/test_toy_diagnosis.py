@@ -128,7 +128,8 @@ def test_win_rates_and_grid_rows_only_for_methods_that_have_images(tmp_path):
     s.methods = ("base", "prompt", "psa")
     assert available_methods(s) == ("base", "prompt", "psa")
     s.methods, s.reuse = ("psa",), tmp_path / "demo"
-    assert available_methods(s) == METHODS  # a reused demo without results: assume all, as before
-    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "gen" / "base").mkdir(parents=True)
+    (tmp_path / "demo" / "gen" / "prompt").mkdir()
+    assert available_methods(s) == ("base", "prompt", "psa")  # a reused demo still running: its image folders
     (tmp_path / "demo" / "results.json").write_text(json.dumps({"base": {}, "prompt": {}, "psa": {}, "settings": {}}))
     assert available_methods(s) == ("base", "prompt", "psa")

@@ -483,11 +483,13 @@ def evaluate(settings: DemoSettings, items: dict[str, list[Item]]) -> dict:
 
 
 def available_methods(settings: DemoSettings) -> tuple[str, ...]:
-    """Methods with images: this run's, plus (with ``reuse``) those the reused demo judged (all, if unknown)."""
+    """Methods with images: this run's, plus (with ``reuse``) those the reused demo judged, or while it has no
+    ``results.json`` yet, those it has an image folder for."""
     found = set(settings.methods)
     if settings.reuse is not None:
         done = settings.reuse / "results.json"
-        found |= set(json.loads(done.read_text())) & set(METHODS) if done.is_file() else set(METHODS)
+        found |= set(json.loads(done.read_text())) if done.is_file() else \
+            {m for m in METHODS if (settings.reuse / "gen" / m).is_dir()}
     return tuple(m for m in METHODS if m in found)
 
 
