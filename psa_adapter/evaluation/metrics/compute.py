@@ -284,7 +284,7 @@ def _moments(features: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _mean_cov(m: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    n = int(m["n"])
+    n = int(np.asarray(m["n"]).item())
     mu = m["sum"] / n
     return mu, (m["cov_sum"] - n * np.outer(mu, mu)) / (n - 1)
 
@@ -298,7 +298,7 @@ def fid_from_moments(generated: Mapping[str, np.ndarray], reference: Mapping[str
     for prefix, m in (("real", reference), ("fake", generated)):
         setattr(metric, f"{prefix}_features_sum", torch.as_tensor(m["sum"], dtype=torch.float64))
         setattr(metric, f"{prefix}_features_cov_sum", torch.as_tensor(m["cov_sum"], dtype=torch.float64))
-        setattr(metric, f"{prefix}_features_num_samples", torch.tensor(int(m["n"])))
+        setattr(metric, f"{prefix}_features_num_samples", torch.tensor(int(np.asarray(m["n"]).item())))
     metric.orig_dtype = torch.float64
     metric._update_count = 1  # the states were set, not updated: silences torchmetrics' warning
     return float(metric.compute())
@@ -448,7 +448,7 @@ def fid(images_dir: str | os.PathLike, reference_dir: str | os.PathLike, out_dir
             chunks[rec["features"]] = _load_tensors(out_dir / rec["features"])[0]["features"].astype(np.float64)
         rows.append(chunks[rec["features"]][rec["row"]])
     summary: dict = {"metric": "fid", "n": len(present), "reference_dir": str(reference_dir),
-                     "reference_n": int(ref["n"]), "reference_key": ref_info["key"],
+                     "reference_n": int(np.asarray(ref["n"]).item()), "reference_key": ref_info["key"],
                      "reference_cached": ref_info["cached"]}
     if len(rows) < 2:
         summary["fid"], summary["fid_ci"] = None, [None, None]
