@@ -125,6 +125,10 @@ def measure_cell(cfg: EvalConfig, cell: Cell, backends: Backends, log: Callable 
 
     entry = cfg.sets[cell.prompt_set]
     images, files = cfg.images_dir(cell), expected_files(cfg, cell.prompt_set)
+    absent = sum(not (images / f).is_file() for f in files)
+    if absent:
+        log(f"[metrics] {cell}: {absent} of {len(files)} images missing (counted as missing)")
+    images.mkdir(parents=True, exist_ok=True)  # a cell never generated: every image is counted as missing
     out = {}
     for metric in entry.metrics:
         where = cfg.metric_dir(cell, metric)
@@ -143,7 +147,6 @@ def measure_cell(cfg: EvalConfig, cell: Cell, backends: Backends, log: Callable 
             elif metric == "pass_rate":
                 from psa_adapter.evaluation.judge.runner import evaluate_folder
 
-                images.mkdir(parents=True, exist_ok=True)  # an empty cell: every image is counted as missing
                 out[metric] = evaluate_folder(backends.judge(), images, backends.users(), where, files=files,
                                               meta=_judge_meta(cfg, cell),
                                               concurrency=int((cfg.judge or {}).get("concurrency", 8)))
@@ -151,8 +154,8 @@ def measure_cell(cfg: EvalConfig, cell: Cell, backends: Backends, log: Callable 
                 out.update(_compare(cfg, cell, backends, files))
         except (FileNotFoundError, ValueError) as err:
             raise EvalError(f"{cell} {metric}: {err}") from None
-        if metric in out:
-            log(f"[metrics] {cell} {metric}: {_short(out[metric])}")
+    for name, summary in out.items():
+        log(f"[metrics] {cell} {name}: {_short(summary)}")
     return out
 
 
