@@ -164,9 +164,9 @@ def _levels(value, where: str, users: bool) -> tuple[str, ...]:
         value = [value]
     levels = []
     for v in value:
-        v = str(v).upper() if str(v).upper() in LEVELS else str(v).lower()
+        given, v = v, str(v).upper() if str(v).upper() in LEVELS else str(v).lower()
         if v not in LEVELS + (USER,):
-            raise EvalError(f"{where}: unknown level {v!r}; levels are {', '.join(LEVELS)} and {USER!r} (each "
+            raise EvalError(f"{where}: unknown level {given!r}; levels are {', '.join(LEVELS)} and {USER!r} (each "
                             "prompt's own user)")
         if v == USER and not users:
             raise EvalError(f"{where}: level 'user' needs a prompt set with a user_id column")

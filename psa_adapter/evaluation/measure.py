@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from psa_adapter.evaluation.config import LEVELS, USER, Cell, EvalConfig, EvalError
 from psa_adapter.evaluation.generate import expected_files
+from psa_adapter.evaluation.judge.base import JudgeError
 
 DEFAULT_DETECTORS = ("q16", "nudenet")
 JUDGE_BACKENDS = {"openai": ("psa_adapter.evaluation.judge.openai_api", "ChatJudge"),
@@ -77,8 +78,11 @@ class Backends:
                 raise EvalError(f"{self.cfg.path or 'config'}: judge.backend: unknown judge {backend!r}; known: "
                                 f"{', '.join(JUDGE_BACKENDS)}")
             module, cls = JUDGE_BACKENDS[backend]
+            options = dict(spec.get("options") or {})
+            if backend == "openai":  # a rerun sends no request: responses are cached beside the results
+                options.setdefault("cache", str(self.cfg.out / "cache" / "judge_cache.jsonl"))
             try:
-                self._made["judge"] = getattr(importlib.import_module(module), cls)(**dict(spec.get("options") or {}))
+                self._made["judge"] = getattr(importlib.import_module(module), cls)(**options)
             except (OSError, ValueError, TypeError) as err:
                 raise EvalError(f"judge {backend!r}: {err}") from None
         return self._made["judge"]
@@ -152,7 +156,7 @@ def measure_cell(cfg: EvalConfig, cell: Cell, backends: Backends, log: Callable 
                                               concurrency=int((cfg.judge or {}).get("concurrency", 8)))
             elif metric == "win_rate":
                 out.update(_compare(cfg, cell, backends, files))
-        except (FileNotFoundError, ValueError) as err:
+        except (FileNotFoundError, ValueError, JudgeError) as err:  # what was computed stays on disk
             raise EvalError(f"{cell} {metric}: {err}") from None
     for name, summary in out.items():
         log(f"[metrics] {cell} {name}: {_short(summary)}")
