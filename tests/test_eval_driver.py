@@ -290,6 +290,7 @@ def test_unknown_names_are_one_clear_error_from_every_command(tiny_ws, monkeypat
         assert main([command, "--config", "configs/nope.yaml"]) == 1
         err = capsys.readouterr().err
         assert "config file not found: configs/nope.yaml" in err and "Traceback" not in err
+    for command in ("generate", "run"):
         assert main([command, "--config", str(REPO / "configs" / "eval_tiny.yaml"), "--methods", "nope"]) == 1
         assert "unknown method 'nope'; this config has: base, psa, psa_half" in capsys.readouterr().err
         assert main([command, "--config", str(REPO / "configs" / "eval_tiny.yaml"), "--sets", "coco"]) == 1

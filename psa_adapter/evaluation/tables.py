@@ -194,9 +194,10 @@ def write_grids(cfg: EvalConfig, cells: list[Cell], out: Path, n_prompts: int | 
     return written
 
 
-def tables(cfg: EvalConfig, sets=None, methods=None, backbones=None, log=print) -> dict:
-    """``summary.csv``, ``tables.md`` and the grids of the config's cells; returns their paths and the rows."""
-    cells = cfg.cells(sets, methods, backbones)
+def tables(cfg: EvalConfig, log=print) -> dict:
+    """``summary.csv``, ``tables.md`` and the grids of every cell of the config measured so far; returns their
+    paths and the rows."""
+    cells = cfg.cells()
     rows = collect(cfg, cells)
     out = cfg.tables_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -208,15 +209,13 @@ def tables(cfg: EvalConfig, sets=None, methods=None, backbones=None, log=print) 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from psa_adapter.evaluation.generate import add_selection, names
-
     parser = argparse.ArgumentParser(prog="python -m evaluation tables", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_selection(parser)
+    parser.add_argument("--config", required=True, help="evaluation config (configs/eval_*.yaml)")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config)
-        tables(cfg, names(args.sets), names(args.methods), names(args.backbones))
+        tables(cfg)
     except EvalError as err:
         print(f"python -m evaluation tables: error: {err}", file=sys.stderr)
         return 1
