@@ -225,9 +225,10 @@ def check_encoder(record: dict | None, embed_dim: int | None, info: dict, adapte
     if record.get("template_hash") not in (None, "none") and record["template_hash"] != info.get("template_hash"):
         problems.append("statement template")
     if problems:
+        verb = "differ" if len(problems) > 1 else "differs"
         raise EncoderMismatchError(
             f"the adapter {adapter} was trained on {describe_encoder({**record, 'dim': theirs_dim})}, but this run "
-            f"embeds users as {ours}: the {' and '.join(problems)} {'differ' if len(problems) > 1 else 'differs'}; use the adapter's encoder as --llm_model "
+            f"embeds users as {ours}: the {' and '.join(problems)} {verb}; use the adapter's encoder as --llm_model "
             "(and its statement template)")
     return None
 
@@ -478,10 +479,10 @@ def embed_for_run(keys: dict[str, str], *, model: str, policy: str = "llm", meta
     sources = resolve_sources(keys, meta_data=meta_data, users_csv=users_csv, needed=embedder.needed_fields())
     record, embed_dim = read_adapter_record(adapter_path)
     warning = check_encoder(record, embed_dim, embedder.info, str(adapter_path))
+    if embedder.needs_model(sources):
+        warning = check_encoder(record, embed_dim, embedder.load_model(), str(adapter_path))
     if warning and is_main_process:
         log(warning)
-    if embedder.needs_model(sources):
-        check_encoder(record, embed_dim, embedder.load_model(), str(adapter_path))
     vectors = embedder.embed(sources, progress=is_main_process)
     embedder.release()
     if is_main_process:
