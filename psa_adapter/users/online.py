@@ -214,9 +214,9 @@ def check_encoder(record: dict | None, embed_dim: int | None, info: dict, adapte
         raise EncoderMismatchError(f"the adapter {adapter} was trained on {theirs}, but this run embeds users as "
                                    f"{ours}: the dimensions differ; use the adapter's encoder as --llm_model")
     if unknown:
-        return (f"warning: the adapter {adapter} records no user encoder; assuming it was trained on {ours}, the "
-                "packaged statement template and masked-mean pooling (as the reference's Qwen2.5-7B-Instruct "
-                "embeddings were)")
+        return (f"warning: the adapter {adapter} records no user encoder; assuming it was trained on {ours} "
+                "(a reference checkpoint's users were embedded from the reference's own profile prompt, so theirs "
+                "and these can differ)")
     problems = []
     if model_name(record["encoder_id"]) != model_name(info["encoder_id"]):
         problems.append("model")
