@@ -626,8 +626,8 @@ def save_checkpoint(run: TrainRun, step: int) -> Path:
     config, accelerator, output_dir = run.config, run.accelerator, run.output_dir
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".tmp-checkpoint-{step}"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
+    if accelerator.is_main_process:
+        remove_leftovers(output_dir)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
@@ -646,9 +646,24 @@ def save_checkpoint(run: TrainRun, step: int) -> Path:
             shutil.rmtree(old)
         if config.checkpoints_total_limit:
             for stale in list_checkpoints(output_dir)[:-config.checkpoints_total_limit]:
-                shutil.rmtree(stale)
+                # Renamed first, so a kill while deleting never leaves a half-deleted checkpoint-<n> behind.
+                doomed = output_dir / f".old-{stale.name}"
+                if doomed.exists():
+                    shutil.rmtree(doomed)
+                os.replace(stale, doomed)
+                shutil.rmtree(doomed)
     accelerator.wait_for_everyone()
     return final
+
+
+def remove_leftovers(output_dir: Path) -> None:
+    """Delete what a run killed while writing leaves behind: half-built ``.tmp-checkpoint-*`` folders, half-deleted
+    ``.old-checkpoint-*`` ones and temporary files of atomic writes. Never touches a ``checkpoint-<n>`` folder."""
+    for leftover in [*output_dir.glob(".tmp-checkpoint-*"), *output_dir.glob(".old-checkpoint-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in output_dir.glob(".*.tmp"):
+        if leftover.is_file():
+            leftover.unlink()
 
 
 def train_loop(run: TrainRun) -> bool:
@@ -759,6 +774,7 @@ def finish_run(run: TrainRun) -> Path:
     if accelerator.is_main_process:
         run.branch.save_weights(run.output_dir)
         run.config.save_yaml(run.output_dir / CONFIG_NAME)
+        remove_leftovers(run.output_dir)
         accelerator.print(f"saved the trained weights and {CONFIG_NAME} to {run.output_dir}")
     accelerator.end_training()
     return run.output_dir
