@@ -1,0 +1,49 @@
+"""Shared pieces of the reliability suite: a tiny workspace (SD1.5-style model, SAGE split, embeddings), running the
+real scripts as subprocesses (optionally SIGKILLed at a named point by ``killpoint.py``), and output checks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+KILLPOINT = Path(__file__).with_name("killpoint.py")
+USERS = {"0000001": ["Violence"], "0000002": [], "0000003": ["Self-Harm"]}
+
+
+def env(**extra) -> dict:
+    values = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
+                  TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    values["PYTHONPATH"] = os.pathsep.join([str(REPO), values.get("PYTHONPATH", "")])
+    values.update(extra)
+    return values
+
+
+def run_script(args, *, kill: list[str] | tuple[str, ...] = (), extra_env=None, timeout=300):
+    """Run ``python ARGS`` from the repository root (under ``killpoint.py`` with the given kill points); returns
+    the CompletedProcess (text output)."""
+    prefix = [str(KILLPOINT), *kill, "--"] if kill else []
+    return subprocess.run([sys.executable, *prefix, *map(str, args)], cwd=REPO, env=env(**(extra_env or {})),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def killed(result) -> bool:
+    return result.returncode == -9
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory):
+    """A tiny SD1.5-style pipeline, a SAGE ``train`` split of three users and their ``.npy`` embeddings (E = 16)."""
+    from psa_adapter.data.synthetic import write_npy_embeddings, write_tiny_sage, write_users_csv
+    from psa_adapter.testing import save_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("workspace")
+    write_tiny_sage(root / "sage", "train", USERS)
+    write_npy_embeddings(root / "embeds", USERS, dim=16)
+    write_users_csv(root / "users.csv", USERS)
+    save_tiny_pipeline("sd15", root / "sd15")
+    return root
