@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import sys
@@ -114,8 +115,14 @@ def read_csv_jobs(path: str | os.PathLike) -> list[Job]:
     if not path.is_file():
         raise InferError(f"--prompts_csv file not found: {path}")
     jobs = []
-    # newline="" because captions may contain newlines; utf-8-sig tolerates a byte-order mark.
-    with path.open(encoding="utf-8-sig", newline="") as f:
+    from psa_adapter.utils import NotUTF8Error, read_utf8
+
+    try:
+        text = read_utf8(path, bom=True, translate_newlines=False)  # a byte-order mark is tolerated
+    except NotUTF8Error as err:
+        raise InferError(str(err)) from None
+    # newline="" because captions may contain newlines
+    with io.StringIO(text, newline="") as f:
         reader = csv.DictReader(f)
         columns = reader.fieldnames or []
         if "caption" not in columns:
