@@ -13,11 +13,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 KILLPOINT = Path(__file__).with_name("killpoint.py")
 USERS = {"0000001": ["Violence"], "0000002": [], "0000003": ["Self-Harm"]}
+#: A judge API key planted in the environment of every script the suite runs; it must never be written or printed.
+PLANTED_KEY = "sk-PLANTED-reliability-7f3a9c2e51d84b06"
 
 
 def env(**extra) -> dict:
     values = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
-                  TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+                  TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", OPENAI_API_KEY=PLANTED_KEY,
+                  AZURE_OPENAI_API_KEY=PLANTED_KEY)
     values["PYTHONPATH"] = os.pathsep.join([str(REPO), values.get("PYTHONPATH", "")])
     values.update(extra)
     return values
@@ -47,3 +50,16 @@ def workspace(tmp_path_factory):
     write_users_csv(root / "users.csv", USERS)
     save_tiny_pipeline("sd15", root / "sd15")
     return root
+
+
+def assert_key_nowhere(folders=(), texts=()) -> int:
+    """The planted key is in no file under ``folders`` and in none of ``texts``; returns how many files were read."""
+    count = 0
+    for text in texts:
+        assert PLANTED_KEY not in text
+    for folder in folders:
+        for path in Path(folder).rglob("*"):
+            if path.is_file():
+                count += 1
+                assert PLANTED_KEY.encode() not in path.read_bytes(), path
+    return count
