@@ -34,6 +34,38 @@ def run_script(args, *, kill: list[str] | tuple[str, ...] = (), extra_env=None, 
                           capture_output=True, text=True, timeout=timeout)
 
 
+def run_in_process(script: str, args) -> tuple[int, str]:
+    """``main(args)`` of ``train.py`` or ``infer.py`` in this process (no start-up cost): (exit status, output).
+    Used for the runs that are not killed; killed runs need a process of their own."""
+    import contextlib
+    import io
+
+    from corpus import cli_main
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+        code = cli_main(script.removesuffix(".py"))([str(a) for a in args])
+    return code, buffer.getvalue()
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """train.py builds an Accelerator per run; accelerate's singletons must not leak between in-process runs."""
+    import torch
+    from accelerate.state import AcceleratorState, GradientState
+
+    def reset():
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    reset()
+    yield reset
+    torch.set_num_threads(threads)
+    reset()
+
+
 def killed(result) -> bool:
     return result.returncode == -9
 

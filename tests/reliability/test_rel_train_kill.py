@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import killed, run_script
+from conftest import PLANTED_KEY, assert_key_nowhere, killed, run_in_process, run_script
 from safetensors.torch import load_file
 
 from psa_adapter.training import CheckpointError, list_checkpoints, verify_checkpoint
@@ -40,10 +40,17 @@ def _complete_checkpoints(out: Path) -> list[int]:
 
 @pytest.fixture(scope="module")
 def reference(workspace, tmp_path_factory):
+    """An uninterrupted run, in a process of its own."""
     out = tmp_path_factory.mktemp("train") / "uninterrupted"
     result = run_script(_args(workspace, out))
     assert result.returncode == 0, result.stderr[-3000:]
     return out
+
+
+def _train_in_process(args) -> str:
+    code, log = run_in_process("train.py", args[1:])
+    assert code == 0, log[-3000:]
+    return log
 
 
 # (name, kill point, checkpoint the killed run resumed from, checkpoints whole after the kill)
@@ -60,7 +67,7 @@ KILLS = [
 
 
 def test_killed_at_six_points_resumes_each_time_and_ends_equal_to_an_uninterrupted_run(workspace, reference,
-                                                                                       tmp_path):
+                                                                                       tmp_path, fresh_accelerate):
     out = tmp_path / "killed"
     for name, point, resumed_from, whole_after in KILLS:
         result = run_script(_args(workspace, out, "--resume_from_checkpoint", "latest"), kill=[point])
@@ -72,9 +79,8 @@ def test_killed_at_six_points_resumes_each_time_and_ends_equal_to_an_uninterrupt
             assert f"resuming from {out / f'checkpoint-{resumed_from}'} (step {resumed_from})" in log, name
         assert _complete_checkpoints(out) == whole_after, name
         assert not (out / "psa_adapter.safetensors").exists(), f"{name}: a final adapter before the end"
-    result = run_script(_args(workspace, out, "--resume_from_checkpoint", "latest"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"resuming from {out / 'checkpoint-6'} (step 6)" in result.stdout + result.stderr
+    log = _train_in_process(_args(workspace, out, "--resume_from_checkpoint", "latest"))
+    assert f"resuming from {out / 'checkpoint-6'} (step 6)" in log
     assert _complete_checkpoints(out) == [4, 6]
     assert not [p.name for p in out.glob(".*")]  # no half-built, half-deleted or temporary leftovers
     full, resumed = _weights(reference), _weights(out)
@@ -82,6 +88,7 @@ def test_killed_at_six_points_resumes_each_time_and_ends_equal_to_an_uninterrupt
     assert any(v.abs().max() > 0 for k, v in full.items() if "to_v_user" in k)  # it trained
     for key, value in full.items():
         assert (value - resumed[key]).abs().max().item() <= 1e-6, key
+    assert_key_nowhere([out], [log])
 
 
 def _copy_run(reference: Path, dest: Path) -> Path:
@@ -117,13 +124,12 @@ def test_a_broken_latest_checkpoint_is_skipped_naming_it(reference, tmp_path, da
 
 
 def test_skipped_checkpoint_is_named_and_the_run_still_equals_an_uninterrupted_one(workspace, reference,
-                                                                                    tmp_path):
+                                                                                    tmp_path, fresh_accelerate,
+                                                                                    caplog):
     out = _copy_run(reference, tmp_path / "run")
     optimizer = out / "checkpoint-6" / "optimizer.bin"
     optimizer.write_bytes(optimizer.read_bytes()[:100])
-    result = run_script(_args(workspace, out, "--resume_from_checkpoint", "latest"))
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, log[-3000:]
+    log = _train_in_process(_args(workspace, out, "--resume_from_checkpoint", "latest")) + caplog.text
     assert "skipping a broken checkpoint" in log and "checkpoint-6: optimizer.bin has 100 bytes" in log
     assert f"resuming from {out / 'checkpoint-4'} (step 4)" in log
     for key, value in _weights(reference).items():
@@ -132,16 +138,17 @@ def test_skipped_checkpoint_is_named_and_the_run_still_equals_an_uninterrupted_o
     before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
     broken = out / "checkpoint-6"
     broken.joinpath("optimizer.bin").write_bytes(b"")
-    result = run_script(_args(workspace, out, "--resume_from_checkpoint", broken))
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {broken}: optimizer.bin has 0 bytes")
+    fresh_accelerate()
+    code, log = run_in_process("train.py", _args(workspace, out, "--resume_from_checkpoint", broken)[1:])
+    assert code == 1 and "Traceback" not in log
+    assert log.strip().splitlines()[-1].startswith(f"error: {broken}: optimizer.bin has 0 bytes")
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
 
 
-def test_same_seed_and_config_give_a_bit_identical_adapter(workspace, reference, tmp_path):
-    out = tmp_path / "again"
-    result = run_script(_args(workspace, out))
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_same_seed_and_config_give_a_bit_identical_adapter(workspace, reference, tmp_path, fresh_accelerate):
+    out = tmp_path / "again"  # the second run in this process, the first (reference) in its own
+    log = _train_in_process(_args(workspace, out))
+    assert PLANTED_KEY not in log
     first, second = _weights(reference), _weights(out)
     assert set(first) == set(second)
     for key in first:
