@@ -377,7 +377,15 @@ def verify_checkpoint(checkpoint: Path) -> dict:
                     for key in f.keys():
                         f.get_slice(key)
             elif path.suffix in (".bin", ".pkl", ".pt", ".pth"):
-                _load_weights_only(path)
+                try:
+                    _load_weights_only(path)
+                except Exception as err:  # noqa: BLE001 - torch raises many types; one line naming the file
+                    from psa_adapter.reference import describe_load_error
+
+                    raise CheckpointError(f"{checkpoint}: {rel} cannot be read safely: "
+                                          f"{describe_load_error(err)}") from None
+        except CheckpointError:
+            raise
         except Exception as err:  # noqa: BLE001 - any failure to parse means the file is not usable
             raise CheckpointError(f"{checkpoint}: {rel} cannot be read safely ({type(err).__name__}: "
                                   f"{str(err).splitlines()[0] if str(err) else ''})") from None
