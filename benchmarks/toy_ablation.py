@@ -8,6 +8,7 @@ Writes ``<out>/<variant>/results.json`` and the table ``<out>/ablation.md``; fin
 
     python benchmarks/toy_ablation.py                      # every variant
     python benchmarks/toy_ablation.py --variants faithful sft
+    python benchmarks/toy_ablation.py --variants demo_oracle demo_users150 demo_steps2000   # diagnosis rows
 """
 
 from __future__ import annotations
