@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
 from corpus import run_case
+from reltools import REPO
 
 
 class Planted:
