@@ -284,7 +284,7 @@ def _(c):
 @case("truncated YAML", "profile file")
 def _(c):
     path = c.write("person.yaml", GOOD_PROFILE[:40] + "\nbanned: [Viol")
-    return "users", ["statement", "--profile", path], ["person.yaml"]
+    return "users", ["statement", "--profile", path], ["person.yaml line", "invalid YAML"]
 
 
 @case("non-UTF-8 bytes", "profile file")
@@ -559,7 +559,7 @@ def _(c):
 @case("truncated YAML", "YAML config")
 def _(c):
     path = c.write("run.yaml", "learning_rate: 1.0e-4\nvalidation_prompts: [\"a cat\", \"a d")
-    return "train", ["--config", path, *c.train()], ["run.yaml"]
+    return "train", ["--config", path, *c.train()], ["run.yaml line 2", "invalid YAML"]
 
 
 @case("non-UTF-8 bytes", "YAML config")
@@ -694,9 +694,11 @@ def main() -> None:
         for i, item in enumerate(CASES, 1):
             d = Path(tmp) / f"case{i}"
             d.mkdir()
-            cli, argv, _ = item.build(Ctx(ws, d))
+            cli, argv, fragments = item.build(Ctx(ws, d))
             outcome = run_case(cli, argv)
-            message = outcome.raised and f"RAW TRACEBACK {outcome.raised}" or outcome.message
+            lines = (outcome.stderr + outcome.stdout).splitlines()
+            naming = [ln.strip() for ln in lines if all(f in ln for f in map(str, fragments))]
+            message = outcome.raised and f"RAW TRACEBACK {outcome.raised}" or (naming or [outcome.message])[-1]
             message = message.replace(tmp, "$TMP").replace("|", "\\|")
             if len(message) > 220:
                 message = message[:217] + "..."

@@ -41,7 +41,9 @@ def test_bad_input_gives_one_clear_message(workspace, tmp_path, item):
     assert "Traceback" not in outcome.stderr + outcome.stdout
     assert outcome.code not in (0, None), f"exit {outcome.code}: it proceeded\n{outcome.stderr[-2000:]}"
     lines = (outcome.stderr + outcome.stdout).splitlines()
-    naming = [ln for ln in lines if all(f in ln for f in map(str, fragments))]
+    naming = [i for i, ln in enumerate(lines) if all(f in ln for f in map(str, fragments))]
     assert naming, f"no line names {fragments}; printed:\n" + "\n".join(lines[-8:])
+    # one message: nothing follows the line that names the problem but a validator's closing verdict
+    assert all(not ln.strip() or ln.strip() == "FAILED" for ln in lines[naming[-1] + 1:]), "\n".join(lines[-8:])
     after = snapshot(ctx.out)
     assert {k: after.get(k) for k in before} == before, "a file written before the run was lost or changed"
