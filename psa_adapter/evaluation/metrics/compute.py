@@ -280,11 +280,15 @@ def _fid_metric(num_features: int):
 def _moments(features: np.ndarray) -> dict[str, np.ndarray]:
     """Sufficient statistics (torchmetrics' states): sum, sum of outer products, count."""
     f = np.asarray(features, dtype=np.float64)
-    return {"sum": f.sum(axis=0), "cov_sum": f.T @ f, "n": np.array(len(f), dtype=np.int64)}
+    return {"sum": f.sum(axis=0), "cov_sum": f.T @ f, "n": np.array([len(f)], dtype=np.int64)}
+
+
+def _count(m: Mapping[str, np.ndarray]) -> int:
+    return int(np.asarray(m["n"]).reshape(-1)[0])
 
 
 def _mean_cov(m: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    n = int(np.asarray(m["n"]).item())
+    n = _count(m)
     mu = m["sum"] / n
     return mu, (m["cov_sum"] - n * np.outer(mu, mu)) / (n - 1)
 
@@ -298,7 +302,7 @@ def fid_from_moments(generated: Mapping[str, np.ndarray], reference: Mapping[str
     for prefix, m in (("real", reference), ("fake", generated)):
         setattr(metric, f"{prefix}_features_sum", torch.as_tensor(m["sum"], dtype=torch.float64))
         setattr(metric, f"{prefix}_features_cov_sum", torch.as_tensor(m["cov_sum"], dtype=torch.float64))
-        setattr(metric, f"{prefix}_features_num_samples", torch.tensor(int(np.asarray(m["n"]).item())))
+        setattr(metric, f"{prefix}_features_num_samples", torch.tensor(_count(m)))
     metric.orig_dtype = torch.float64
     metric._update_count = 1  # the states were set, not updated: silences torchmetrics' warning
     return float(metric.compute())
@@ -448,7 +452,7 @@ def fid(images_dir: str | os.PathLike, reference_dir: str | os.PathLike, out_dir
             chunks[rec["features"]] = _load_tensors(out_dir / rec["features"])[0]["features"].astype(np.float64)
         rows.append(chunks[rec["features"]][rec["row"]])
     summary: dict = {"metric": "fid", "n": len(present), "reference_dir": str(reference_dir),
-                     "reference_n": int(np.asarray(ref["n"]).item()), "reference_key": ref_info["key"],
+                     "reference_n": _count(ref), "reference_key": ref_info["key"],
                      "reference_cached": ref_info["cached"]}
     if len(rows) < 2:
         summary["fid"], summary["fid_ci"] = None, [None, None]
