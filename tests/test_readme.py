@@ -42,7 +42,7 @@ def workspace(tmp_path_factory):
     from psa_adapter.users import assign_banned, build_store, get_encoder, get_policy, sample_profiles, write_users_csv
 
     ws = tmp_path_factory.mktemp("readme")
-    for name in ("configs", "launchers", "infer.py", "train.py"):
+    for name in ("configs", "launchers", "infer.py", "train.py", "evaluation"):
         (ws / name).symlink_to(REPO / name)
     save_tiny_pipeline("sd15", ws / "sd15")
     save_tiny_pipeline("sdxl", ws / "sdxl")
@@ -136,6 +136,9 @@ def exercise(command: str, ws: Path, upstream: Path | None) -> None:
             assert out.stdout.strip().splitlines()[-1].startswith("exact_match=")
     elif argv[:3] == ["python", "-m", "evaluation.judge"]:
         exercise_judge(argv, ws)
+    elif (argv[:3] == ["python", "-m", "evaluation"] and argv[3] in ("prepare", "generate", "tables", "run")) or \
+            argv[0].startswith("evaluation/scripts/") or argv[:3] == ["python", "-m", "psa_adapter.evaluation.tiny"]:
+        exercise_driver(argv, ws, upstream)
     else:
         pytest.fail(f"README command not exercised by any test: {command}")
 
@@ -198,6 +201,33 @@ def exercise_judge(argv: list[str], ws: Path) -> None:
             run([sys.executable] + [server.base_url if a == opts["--base-url"] else a for a in argv[1:]], ws)
     summary = json.loads((ws / opts["--out"] / "summary.json").read_text())
     assert summary["n"] == len(names) and summary["errors"] == 0 and summary["total"] == len(names)
+
+
+def exercise_driver(argv: list[str], ws: Path, upstream: Path | None) -> None:
+    """The evaluation driver: prepare on the reference's prompt files (UD is not among them: exit 1, reported); the
+    tiny smoke run as written; the paper's protocol through the scripts on the tiny config (no SD weights here)."""
+    if argv[3:4] == ["prepare"]:
+        if upstream is None:
+            pytest.skip("the prepare example reads the reference prompt files in ../shared")
+        argv = [a.replace("data/eval_data", str(upstream / "eval_data")) for a in argv]
+        env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+        result = subprocess.run([sys.executable] + argv[1:], cwd=ws, env=env, capture_output=True, text=True)
+        assert result.returncode == 1 and "ud: missing" in result.stdout, result.stdout + result.stderr
+        for name in ("sage_seen", "sage_unseen", "coprov2", "i2p", "coco"):
+            assert f"{name}: complete" in result.stdout, result.stdout
+        return
+    if not (ws / "outputs/eval_tiny/tiny6.csv").is_file():
+        run([sys.executable, "-m", "psa_adapter.evaluation.tiny", "--out", "outputs/eval_tiny"], ws)
+    if argv[:3] == ["python", "-m", "psa_adapter.evaluation.tiny"]:
+        run([sys.executable] + argv[1:], ws)
+        assert (ws / "outputs/eval_tiny/psa/config.json").is_file()
+        return
+    argv = [a.replace("configs/eval_reference.yaml", "configs/eval_tiny.yaml") for a in argv]
+    out = run([sys.executable if a == "python" else a for a in argv], ws)
+    if "run_gen.sh" in argv[0]:
+        assert "[generate] tiny6/psa/sd15/L5: 6 images" in out.stdout
+    else:
+        assert (ws / "outputs/eval_tiny/run/tables/summary.csv").is_file() and "[tables]" in out.stdout
 
 
 @pytest.mark.parametrize("command", readme_commands())
