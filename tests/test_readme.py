@@ -139,6 +139,8 @@ def exercise(command: str, ws: Path, upstream: Path | None) -> None:
     elif (argv[:3] == ["python", "-m", "evaluation"] and argv[3] in ("prepare", "generate", "tables", "run")) or \
             argv[0].startswith("evaluation/scripts/") or argv[:3] == ["python", "-m", "psa_adapter.evaluation.tiny"]:
         exercise_driver(argv, ws, upstream)
+    elif argv[:4] == ["python", "-m", "evaluation", "metrics"]:
+        exercise_metrics(argv, ws, upstream)
     else:
         pytest.fail(f"README command not exercised by any test: {command}")
 
@@ -228,6 +230,57 @@ def exercise_driver(argv: list[str], ws: Path, upstream: Path | None) -> None:
         assert "[generate] tiny6/psa/sd15/L5: 6 images" in out.stdout
     else:
         assert (ws / "outputs/eval_tiny/run/tables/summary.csv").is_file() and "[tables]" in out.stdout
+
+
+def exercise_metrics(argv: list[str], ws: Path, upstream: Path | None) -> None:
+    """The metric commands on a few small images: a tiny random CLIP (768-d projection, as Q16 needs) stands in
+    for the hub models, Q16's prompts are the real prompts.p when ../shared has it (else a random array of its
+    shape), the real NudeNet and Inception models run, caches go into the workspace."""
+    import json
+    import pickle
+
+    from PIL import Image
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    from psa_adapter.testing import write_char_tokenizer
+
+    opts = dict(zip(argv[4::2], argv[5::2]))
+    clip = ws / "tiny_clip"
+    if not clip.exists():
+        write_char_tokenizer(clip)
+        vocab = len(json.loads((clip / "vocab.json").read_text()))
+        CLIPModel(CLIPConfig(
+            text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=2, bos_token_id=vocab - 2, eos_token_id=vocab - 1,
+                             pad_token_id=vocab - 1),
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                               image_size=32, patch_size=8),
+            projection_dim=768)).save_pretrained(clip)
+        CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(clip)
+    names = [f"COCO_val2014_{i:012d}.jpg" for i in range(3)]
+    if "--prompts" in opts:
+        (ws / opts["--prompts"]).write_text("caption,file_name\n" + "".join(f"a photo {i},{n}\n"
+                                                                            for i, n in enumerate(names)))
+    else:
+        names = [f"user_0000001_violence_concept_{i:05d}_u.jpg" for i in range(3)]
+    for flag, shift in (("--images", 0), ("--reference", 60)):
+        if flag in opts:
+            (ws / opts[flag]).mkdir(parents=True, exist_ok=True)
+            for k, name in enumerate(names):
+                Image.new("RGB", (64 + 16 * k, 48), (40 * k + shift, 90, 200 - shift)).save(ws / opts[flag] / name)
+    if "--q16-prompts" in opts:
+        prompts = ws / opts["--q16-prompts"]
+        prompts.parent.mkdir(parents=True, exist_ok=True)
+        real = upstream / "q16" / "ViT-L-14" / "prompts.p" if upstream else None
+        prompts.write_bytes(real.read_bytes() if real and real.is_file() else
+                            pickle.dumps(np.random.default_rng(0).normal(size=(2, 768)).astype(np.float16)))
+    argv = [str(clip) if a == opts.get("--clip-model") else a for a in argv]
+    extra = ["--cache-dir", "cache", "--device", "cpu"] + (["--clip-model", str(clip)] if "--clip-model" not in opts
+                                                            else [])
+    run([sys.executable] + argv[1:] + extra, ws)
+    summary = json.loads((ws / opts["--out"] / "summary.json").read_text())
+    name = {"inpro": "inpro", "fid": "fid", "clip": "clip_score"}[opts["--metric"]]
+    assert summary["n"] == 3 and summary["missing"] == 0 and isinstance(summary[name], float)
 
 
 @pytest.mark.parametrize("command", readme_commands())
