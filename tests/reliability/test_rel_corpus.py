@@ -28,7 +28,8 @@ def test_the_corpus_is_large_and_covers_every_input_family():
     kinds = {c.kind for c in CASES}
     assert len(CASES) >= 30
     assert {"SAGE metadata.jsonl", "users CSV", "profile file", "prompt CSV", ".npy folder", "embedding store",
-            "adapter folder", "reference .bin", "LoRA weights", "UNet weights", "YAML config", "flags"} <= kinds
+            "adapter folder", "reference .bin", "LoRA weights", "UNet weights", "YAML config", "flags",
+            "evaluation config", "Q16 prompts.p"} <= kinds
 
 
 @pytest.mark.parametrize("item", CASES, ids=[f"{c.kind}: {c.name}" for c in CASES])
