@@ -145,3 +145,27 @@ def test_the_package_never_evaluates_file_content_or_unpickles_freely():
         if re.search(r"trust_remote_code\s*[=:]\s*True", text):
             problems.append(f"{rel}: trust_remote_code=True")
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("payload", ["callable", "array holding a callable"])
+def test_a_q16_prompts_p_with_a_pickled_callable_is_refused_and_never_runs(workspace, tmp_path, payload):
+    import pickle
+
+    marker = tmp_path / "the_callable_ran"
+    evil = tmp_path / "prompts.p"
+    obj = Planted(marker) if payload == "callable" else np.array([Planted(marker), 1.0], dtype=object)
+    evil.write_bytes(pickle.dumps(obj))
+    images = tmp_path / "imgs"
+    images.mkdir()
+    shutil.copy(next((workspace / "sage" / "train").glob("*_u.jpg")), images / "a.jpg")
+    outcome = run_case("eval", ["metrics", "--metric", "inpro", "--images", images, "--out", tmp_path / "out",
+                                "--q16-prompts", evil, "--detectors", "q16", "--device", "cpu"])
+    assert outcome.raised is None and outcome.code == 1
+    assert str(evil) in outcome.message and "refused" in outcome.message
+    assert not marker.exists(), "the pickled callable ran"
+    from psa_adapter.evaluation.metrics.backends import load_q16_prompts
+    from psa_adapter.evaluation.metrics.compute import MetricInputError
+
+    with pytest.raises(MetricInputError, match="prompts.p"):
+        load_q16_prompts(evil, cache_dir=tmp_path / "cache")
+    assert not marker.exists()
