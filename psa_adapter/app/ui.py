@@ -45,6 +45,7 @@ def _strip_table(engine: Engine, result) -> str:
 def build_page(engine: Engine):
     """The ``gr.Blocks`` page; call ``.queue()`` and ``.launch()`` on it (``serve`` does)."""
     import gradio as gr
+
     from psa_adapter.users import CATEGORIES, GENDERS, MENTAL_CONDITIONS, PHYSICAL_CONDITIONS, RELIGIONS
 
     settings = engine.settings
@@ -135,7 +136,8 @@ def build_page(engine: Engine):
         profile_inputs = [age, gender, religion, physical, mental]
         for component in profile_inputs:
             component.change(on_profile, profile_inputs, [banned, policy], queue=False, api_visibility="private")
-        level.change(lambda name: _level_text(engine, name), [level], [level_info], queue=False, api_visibility="private")
+        level.change(lambda name: _level_text(engine, name), [level], [level_info], queue=False,
+                     api_visibility="private")
         inputs = [user, level, age, gender, religion, physical, mental, banned, prompt, seed, scale]
         outputs = [message, base_image, psa_image, base_reading, psa_reading, strip, strip_table]
         button.click(on_generate, inputs, outputs, api_name="generate")
