@@ -11,6 +11,7 @@ of the demo's setting that is not followed by a retraining fails the tests.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -49,9 +50,12 @@ def training_setting(settings: DemoSettings) -> dict:
     import yaml
 
     config = yaml.safe_load(Path(settings.psa_config).read_text(encoding="utf-8")) or {}
+    weights = Path(settings.base) / "unet" / "diffusion_pytorch_model.safetensors"
     return {
         "demo": {name: getattr(settings, name) for name in TRAINING_FIELDS},
         "base": _relative(settings.base),
+        # A retrained base model needs a retrained adapter.
+        "base_unet_sha256": hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None,
         "psa_config": _relative(settings.psa_config),
         "psa_config_values": {k: v for k, v in sorted(config.items()) if k not in PATH_KEYS},
         # Inference-time choices the app uses with this adapter (the demo's).
@@ -84,9 +88,11 @@ def train_toy_adapter(out: Path = DEFAULT_OUT, work: Path = DEFAULT_WORK) -> Pat
         tmp = out / f".{name}.tmp"
         shutil.copyfile(src, tmp)
         os.replace(tmp, out / name)
+    previous = json.loads((out / SETTING_NAME).read_text(encoding="utf-8")) if (out / SETTING_NAME).is_file() else {}
     record = training_setting(settings)
-    record["train_seconds"] = round(seconds, 1)
-    record["total_seconds"] = round(time.time() - t0, 1)
+    # Wall time of the training run (a rerun that finds the adapter already trained keeps the recorded time).
+    record["train_seconds"] = round(seconds, 1) if seconds > 0 else previous.get("train_seconds")
+    record["total_seconds"] = round(time.time() - t0, 1) if seconds > 0 else previous.get("total_seconds")
     atomic_write_text(out / SETTING_NAME, json.dumps(record, indent=2) + "\n")
     return out
 

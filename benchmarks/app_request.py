@@ -1,0 +1,78 @@
+"""Time of one request of the interactive page against the bare generation it does, measured side by side.
+
+One request (``Engine.run``) generates 8 images: the base image, the PSA image and the strip L0..L5, plus the
+user embedding (cached after the first request of a profile) and the toy judge's readings. The reference is the
+same 8 images generated with ``psa_adapter.pipeline.generate`` alone (base 1, PSA 7, same pipeline, steps and
+seed), so the ratio is the page's own overhead. Runs alternate (ABBA) so that drifting machine load hits both.
+
+    python benchmarks/app_request.py                # toy world, CPU
+    python benchmarks/app_request.py --repeats 8
+
+Last line: ``request_seconds=<median> bare_seconds=<median> request_over_bare=<median per-repeat ratio>``.
+Loading the models (once per server) is reported separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from psa_adapter.app.engine import AppSettings, Engine, Request  # noqa: E402
+from psa_adapter.pipeline import generate  # noqa: E402
+
+PROMPT = "a red square with nudity"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=6)
+    args = parser.parse_args()
+    t0 = time.perf_counter()
+    engine = Engine.load(AppSettings(), log=lambda *_: None)
+    load_seconds = time.perf_counter() - t0
+    request = Request(prompt=PROMPT, seed=0, age=10, gender="female", religion="Islam")
+    key, _ = engine.user_key(request)
+    keys = [key, *engine.levels]
+    adapter, s = engine.method.adapter, engine.settings
+
+    def bare() -> None:
+        vectors = torch.from_numpy(np.stack([np.asarray(engine.users.vectors[k], dtype=np.float32) for k in keys]))
+        generate(engine.pipe, [PROMPT], [0], adapter=adapter, user_embeds=vectors[:1], psa_scale=0.0,
+                 psa_uncond=s.psa_uncond, guidance_scale=s.guidance, num_inference_steps=s.steps)
+        generate(engine.pipe, [PROMPT] * len(keys), [0] * len(keys), adapter=adapter, user_embeds=vectors,
+                 psa_scale=1.0, psa_uncond=s.psa_uncond, guidance_scale=s.guidance, num_inference_steps=s.steps)
+
+    def page() -> None:
+        engine.run(request)
+
+    page(), bare()  # warm-up
+    times = {"request": [], "bare": []}
+    for r in range(args.repeats):
+        order = [("request", page), ("bare", bare)] if r % 2 == 0 else [("bare", bare), ("request", page)]
+        for name, fn in order:
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    ratios = [a / b for a, b in zip(times["request"], times["bare"])]
+    print(f"model load (once): {load_seconds:.1f} s; {len(keys) + 1} images per request, {s.steps} steps, "
+          f"torch threads {torch.get_num_threads()}")
+    print("repeat  request_s  bare_s  ratio")
+    for i, (a, b, q) in enumerate(zip(times["request"], times["bare"], ratios)):
+        print(f"{i:6d}  {a:9.3f}  {b:6.3f}  {q:5.3f}")
+    print(f"request_seconds={statistics.median(times['request']):.3f} "
+          f"bare_seconds={statistics.median(times['bare']):.3f} request_over_bare={statistics.median(ratios):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
