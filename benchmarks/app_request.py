@@ -2,8 +2,9 @@
 
 One request (``Engine.run``) generates 8 images: the base image, the PSA image and the strip L0..L5, plus the
 user embedding (cached after the first request of a profile) and the toy judge's readings. The reference is the
-same 8 images generated with ``psa_adapter.pipeline.generate`` alone (base 1, PSA 7, same pipeline, steps and
-seed), so the ratio is the page's own overhead. Runs alternate (ABBA) so that drifting machine load hits both.
+same 8 images from ``Engine._generate`` alone (the page's one generation function: base 1, PSA 7, same
+pipeline, steps and seed), so the ratio is the page's own overhead (embedding, judge, enlarging for display).
+Runs alternate (ABBA) so that drifting machine load hits both.
 
     python benchmarks/app_request.py                # toy world, CPU
     python benchmarks/app_request.py --repeats 8
@@ -24,11 +25,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from psa_adapter.app.engine import AppSettings, Engine, Request  # noqa: E402
-from psa_adapter.pipeline import generate  # noqa: E402
 
 PROMPT = "a red square with nudity"
 
@@ -43,14 +42,11 @@ def main() -> int:
     request = Request(prompt=PROMPT, seed=0, age=10, gender="female", religion="Islam")
     key, _ = engine.user_key(request)
     keys = [key, *engine.levels]
-    adapter, s = engine.method.adapter, engine.settings
+    s = engine.settings
 
-    def bare() -> None:
-        vectors = torch.from_numpy(np.stack([np.asarray(engine.users.vectors[k], dtype=np.float32) for k in keys]))
-        generate(engine.pipe, [PROMPT], [0], adapter=adapter, user_embeds=vectors[:1], psa_scale=0.0,
-                 psa_uncond=s.psa_uncond, guidance_scale=s.guidance, num_inference_steps=s.steps)
-        generate(engine.pipe, [PROMPT] * len(keys), [0] * len(keys), adapter=adapter, user_embeds=vectors,
-                 psa_scale=1.0, psa_uncond=s.psa_uncond, guidance_scale=s.guidance, num_inference_steps=s.steps)
+    def bare() -> None:  # the generation alone, through the same function the page calls
+        engine._generate(PROMPT, keys[:1], 0, 0.0)
+        engine._generate(PROMPT, keys, 0, 1.0)
 
     def page() -> None:
         engine.run(request)
