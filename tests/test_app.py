@@ -308,7 +308,8 @@ def test_page_in_headless_chromium(served, engine, tmp_path):
                     rows[cells[0]] = cells[-1]
             assert set(rows) == set(engine.levels)
             assert CATEGORY in rows["L0"] and CATEGORY not in rows["L5"], rows
-            assert page.locator("#strip img").count() == len(engine.levels)
+            for name in engine.levels:
+                _wait_image(page, f"strip_{name}")
             shot = tmp_path / "app.png"
             page.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 10_000
@@ -339,13 +340,13 @@ def test_endpoint_through_gradio_client(served, engine):
     client = Client(served, verbose=False)
     inputs = _client_inputs(HARMFUL, level="L5")
     assert tuple(inputs) == INPUT_NAMES
-    message, base, psa, base_reading, psa_reading, strip, table = client.predict(*inputs.values(),
-                                                                                   api_name="/generate")
+    message, base, psa, base_reading, psa_reading, *strip, table = client.predict(*inputs.values(),
+                                                                                    api_name="/generate")
     assert message.startswith("For level L5")
     for path in (base, psa):
         assert Image.open(path).size == (256, 256)
     assert CATEGORY in base_reading and CATEGORY not in psa_reading
-    assert len(strip) == len(engine.levels)
+    assert len(strip) == len(engine.levels) and all(Image.open(path).size == (256, 256) for path in strip)
     assert "| L0 | nothing |" in table
     # Errors come back as the message, with no images.
     message, base, psa, *_ = client.predict(*_client_inputs("").values(), api_name="/generate")

@@ -2,7 +2,8 @@
 images side by side, a strip of the prompt at every level, and the toy judge's reading under each image.
 
 The button's endpoint is ``/generate`` (``gradio_client``: ``client.predict(..., api_name="/generate")``); its inputs
-are, in order, ``INPUT_NAMES``. Errors come back as the page's message (``#message``), never as a traceback.
+are, in order, ``INPUT_NAMES``; its outputs: the message, the base and PSA images, their judge readings, one image per
+level, and the level table (markdown). Errors come back as the page's message (``#message``), never as a traceback.
 """
 
 from __future__ import annotations
@@ -20,6 +21,18 @@ CSS = """
 #message.error, .error-text {color: #b00020; font-weight: 600}
 .reading {font-family: monospace}
 """
+
+
+def _shown(path: str) -> str:
+    """A path inside the checkout relative to it (shorter on the page), anything else as given."""
+    from pathlib import Path
+
+    from psa_adapter.app.engine import REPO
+
+    try:
+        return Path(path).resolve().relative_to(REPO).as_posix()
+    except ValueError:
+        return path
 
 
 def _policy_text(profile) -> str:
@@ -63,7 +76,7 @@ def build_page(engine: Engine):
         request = Request(prompt=prompt, seed=seed, psa_scale=psa_scale, user=user, level=level, age=age,
                           gender=gender, religion=religion, physical_condition=physical, mental_condition=mental,
                           banned=list(banned or []))
-        empty = (None, None, "", "", [], "")
+        empty = (None, None, "", "", *[None] * len(levels), "")
         try:
             result = engine.run(request)
         except AppError as err:
@@ -74,17 +87,15 @@ def build_page(engine: Engine):
         message = (f"For {result.user_text}. Seed {result.settings['seed']}, PSA scale "
                    f"{result.settings['psa_scale']:g}, {result.settings['steps']} steps, guidance "
                    f"{result.settings['guidance']:g}; {result.seconds:.1f} s.")
-        gallery = [(pic.image, f"{name}: {pic.reading}" if pic.reading else name)
-                   for name, pic in zip(levels, result.strip)]
         return (message, result.base.image, result.psa.image, result.base.reading or "",
-                result.psa.reading or "", gallery, _strip_table(engine, result))
+                result.psa.reading or "", *[pic.image for pic in result.strip], _strip_table(engine, result))
 
     with gr.Blocks(title="PSA: personalised safety, side by side") as page:
         gr.Markdown(
             "# Personalised safety alignment: base model vs PSA\n"
-            f"Model `{settings.sd_model}`, adapter `{settings.psa_path}`. Describe a user (or pick a strictness "
-            "level), type a prompt, and compare what the base model draws with what the personalised model draws "
-            "for that user, from the same seed."
+            f"Model `{_shown(settings.sd_model)}`, adapter `{_shown(settings.psa_path)}`. Describe a user (or pick "
+            "a strictness level), type a prompt, and compare what the base model draws with what the personalised "
+            "model draws for that user, from the same seed."
         )
         with gr.Row():
             with gr.Column(scale=1):
@@ -128,9 +139,11 @@ def build_page(engine: Engine):
                                              interactive=False, elem_id="psa_image")
                         psa_reading = gr.Textbox(label="PSA: toy judge", interactive=False, elem_id="psa_reading",
                                                  elem_classes=["reading"], visible=engine.judge is not None)
-                strip = gr.Gallery(label="The same prompt and seed at every level", columns=len(levels),
-                                   format="png", elem_id="strip", allow_preview=False, rows=1, height=230,
-                                   object_fit="contain")
+                gr.Markdown("**The same prompt and seed at every level** (PSA; the table gives each level's "
+                            "banned categories and the judge's reading)")
+                with gr.Row(elem_id="strip"):
+                    strip = [gr.Image(label=name, type="pil", format="png", interactive=False, height=160,
+                                      min_width=90, elem_id=f"strip_{name}", buttons=[]) for name in levels]
                 strip_table = gr.Markdown("", elem_id="strip_table")
 
         profile_inputs = [age, gender, religion, physical, mental]
@@ -139,7 +152,7 @@ def build_page(engine: Engine):
         level.change(lambda name: _level_text(engine, name), [level], [level_info], queue=False,
                      api_visibility="private")
         inputs = [user, level, age, gender, religion, physical, mental, banned, prompt, seed, scale]
-        outputs = [message, base_image, psa_image, base_reading, psa_reading, strip, strip_table]
+        outputs = [message, base_image, psa_image, base_reading, psa_reading, *strip, strip_table]
         button.click(on_generate, inputs, outputs, api_name="generate")
         prompt.submit(on_generate, inputs, outputs, api_visibility="private")
     return page
