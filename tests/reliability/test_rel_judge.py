@@ -117,3 +117,47 @@ def test_a_server_that_echoes_the_key_in_an_error_does_not_get_it_printed(worksp
     assert_key_nowhere([out], [log])
 
 
+
+
+DRIVER_CONFIG = """out: {out}
+prompts_dir: {ws}
+generation: {{seed: 2025, steps: 1, height: 32, width: 32}}
+backbones:
+  sd15: {ws}/sd15
+methods:
+  base: {{}}
+  psa: {{psa_path: {ws}/psa, embeds_folder: {ws}/embeddings}}
+sets:
+  tiny6:
+    file: {ws}/tiny6.csv
+    users: true
+    rows: 6
+    levels: [user]
+    metrics: [pass_rate, win_rate]
+judge:
+  backend: openai
+  options: {{base_url: "{url}", model: judge-1, max_retries: 0}}
+  users: {ws}/users.csv
+  concurrency: 1
+  compare: [[psa, base]]
+"""
+
+
+def test_the_evaluation_driver_sends_the_key_and_writes_or_prints_it_nowhere(tmp_path, monkeypatch):
+    from psa_adapter.evaluation.cli import main
+    from psa_adapter.evaluation.tiny import write_tiny_eval_workspace
+
+    ws = write_tiny_eval_workspace(tmp_path / "ws")
+    out = tmp_path / "run"
+    monkeypatch.setenv("OPENAI_API_KEY", PLANTED_KEY)
+    with FakeChatServer(colour_responder) as server:
+        config = tmp_path / "eval.yaml"
+        config.write_text(DRIVER_CONFIG.format(out=out, ws=ws, url=server.base_url))
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+            code = main(["run", "--config", str(config)])
+        log = buffer.getvalue()
+    assert code == 0, log[-3000:]
+    assert len(server.requests) == 2 * 6 + 2 * 6  # pass rate: 2 methods x 6 images; win rate: 6 pairs, both orders
+    assert {r["headers"].get("Authorization") for r in server.requests} == {f"Bearer {PLANTED_KEY}"}
+    assert assert_key_nowhere([out, tmp_path / "ws"], [log]) >= 10
