@@ -293,6 +293,18 @@ def _(c):
     return "users", ["statement", "--profile", path], ["person.yaml", "line 4", "UTF-8"]
 
 
+@case("levels file: truncated YAML", "profile file")
+def _(c):
+    path = c.write("levels.yaml", "L0: {user_id: '0000001', age: 30\nL1: [")
+    return "users", ["statement", "--level", "L1", "--levels-file", path], ["levels.yaml line", "invalid YAML"]
+
+
+@case("levels file: non-UTF-8 bytes", "profile file")
+def _(c):
+    path = c.write("levels.yaml", b"L0:\n  user_id: '0000001'\n  gender: f\xe9male\n")
+    return "users", ["statement", "--level", "L0", "--levels-file", path], ["levels.yaml line 3", "UTF-8"]
+
+
 @case("infer.py --profile: age out of range", "profile file")
 def _(c):
     path = c.write("person.yaml", GOOD_PROFILE.replace("age: 30", "age: 400"))
