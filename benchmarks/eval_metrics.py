@@ -7,11 +7,10 @@ randomly initialised CLIP of ViT-L/14's size (224 x 224, 24 layers; no weights n
 Q16 that costs.
 
 "alone" times the backend's call on decoded images; "path" times ``compute.inpro`` / ``compute.fid`` /
-``compute.clip_score`` over a folder of JPEGs into a fresh output folder (decoding, per-image records with fsync
-(whose disk waits are not CPU time),
-the summary with its bootstrap interval; FID with cached reference statistics, no interval, but one Frechet
-distance of 2048-d statistics, which is also timed on its own, as is the interval). The ratio path/alone shows
-what the bookkeeping costs.
+``compute.clip_score`` over a folder of JPEGs into a fresh output folder: decoding, per-image records with fsync
+(whose disk waits are not CPU time), the summary with its bootstrap interval; for FID cached reference statistics,
+no interval, but one Frechet distance of 2048-d statistics, which is also timed on its own, as is the interval.
+The ratio path/alone shows what the bookkeeping costs.
 
 Rates are images per CPU second of this process (``time.process_time``: all its threads), so that a shared,
 busy machine gives the same figures as an idle one; with one thread (``OMP_NUM_THREADS=1``) that is images per
