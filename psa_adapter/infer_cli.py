@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import sys
@@ -114,8 +115,14 @@ def read_csv_jobs(path: str | os.PathLike) -> list[Job]:
     if not path.is_file():
         raise InferError(f"--prompts_csv file not found: {path}")
     jobs = []
-    # newline="" because captions may contain newlines; utf-8-sig tolerates a byte-order mark.
-    with path.open(encoding="utf-8-sig", newline="") as f:
+    from psa_adapter.utils import NotUTF8Error, read_utf8
+
+    try:
+        text = read_utf8(path, bom=True, translate_newlines=False)  # a byte-order mark is tolerated
+    except NotUTF8Error as err:
+        raise InferError(str(err)) from None
+    # newline="" because captions may contain newlines
+    with io.StringIO(text, newline="") as f:
         reader = csv.DictReader(f)
         columns = reader.fieldnames or []
         if "caption" not in columns:
@@ -400,6 +407,31 @@ def merge_manifest(save_path: Path, jobs: Sequence[Job], settings_for) -> tuple[
     return len(ordered), differing
 
 
+def cut_torn_last_line(path: Path) -> None:
+    """Cut the unfinished last line a killed run may have left in a manifest part, so that appending starts on a
+    line of its own (a line glued to a torn one would be lost too)."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def remove_stale_temporaries(save_path: Path, jobs: Sequence[Job]) -> None:
+    """Delete the temporary files (``.<name>.XXXXXXXX.tmp``) of ``jobs``' images that a killed run left half
+    written. Only this process's own images: other processes may be writing theirs."""
+    wanted: dict[Path, set[str]] = {}
+    for job in jobs:
+        target = save_path / job.file_name
+        wanted.setdefault(target.parent, set()).add(target.name)
+    for folder, names in wanted.items():
+        for stale in folder.glob(".*.tmp") if folder.is_dir() else ():
+            name = stale.name[1:-len(".tmp")].rpartition(".")[0]  # mkstemp adds ".<random>"
+            if name in names:
+                stale.unlink(missing_ok=True)
+
+
 def save_image(image, path: Path) -> None:
     """Write a PIL image atomically, in the format its extension names."""
     from psa_adapter.utils import atomic_write
@@ -614,6 +646,7 @@ def run(args: argparse.Namespace) -> dict:
     my_jobs = jobs[rank::world]
     todo = [j for j in my_jobs if not (save_path / j.file_name).exists()]
     save_path.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(save_path, todo)
     if state.is_main_process:
         import yaml
 
@@ -639,6 +672,7 @@ def run(args: argparse.Namespace) -> dict:
 
         bar = tqdm(total=len(my_jobs), initial=len(my_jobs) - len(todo), unit="img", disable=not state.is_main_process,
                    desc=f"generating (process 0 of {world})" if world > 1 else "generating")
+        cut_torn_last_line(_part_path(save_path, rank))
         with _part_path(save_path, rank).open("a", encoding="utf-8") as part:
             for batch in _batches(todo, args.batch_size):
                 images = method.generate(
