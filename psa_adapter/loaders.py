@@ -84,10 +84,12 @@ class PSAPipelineMixin:
         """The loaded adapter, or None."""
         return self.__dict__.get("_psa_adapter")
 
-    def load_psa_adapter(self, pretrained: str | os.PathLike | PSAAdapter, scale: float | dict = 1.0) -> PSAAdapter:
+    def load_psa_adapter(self, pretrained: str | os.PathLike | PSAAdapter,
+                         scale: float | dict | None = None) -> PSAAdapter:
         """Load an adapter (our folder, a Hub id, a reference ``psa_adapter.bin`` / ``.safetensors``, or a
-        ``PSAAdapter``) onto this pipeline's UNet at ``scale``, replacing any loaded before. Returns the adapter."""
-        if self.psa_adapter is not None:
+        ``PSAAdapter``) onto this pipeline's UNet, replacing any other loaded before; ``scale`` (default: the
+        adapter's own, 1.0 when loaded from a file) as in ``set_psa_scale``. Returns the adapter."""
+        if self.psa_adapter is not None and self.psa_adapter is not pretrained:
             self._detach_psa()
         if isinstance(pretrained, PSAAdapter):
             adapter, source = pretrained, "given as an object"
@@ -97,9 +99,10 @@ class PSAPipelineMixin:
             param = next(self.unet.parameters())
             adapter.to(param.device).eval()
         adapter.attach(self.unet)
-        adapter.set_scale(scale)
+        if scale is not None:
+            adapter.set_scale(scale)
         self.__dict__["_psa_adapter"] = adapter
-        self.__dict__["_psa_source"] = source
+        self.__dict__.setdefault("_psa_source", source)
         return adapter
 
     def set_psa_scale(self, scale: float | dict) -> None:
@@ -238,7 +241,8 @@ def _psa_class(cls: type) -> type:
     return _PSA_CLASSES[cls]
 
 
-def load_psa_adapter(pipe, pretrained: str | os.PathLike | PSAAdapter, scale: float | dict = 1.0) -> PSAAdapter:
+def load_psa_adapter(pipe, pretrained: str | os.PathLike | PSAAdapter,
+                     scale: float | dict | None = None) -> PSAAdapter:
     """Give ``pipe`` the PSA verbs and load ``pretrained`` onto it (see ``PSAPipelineMixin.load_psa_adapter``)."""
     if not hasattr(pipe, "unet"):
         raise TypeError(f"load_psa_adapter needs a pipeline with a UNet, got {type(pipe).__name__}")
