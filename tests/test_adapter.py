@@ -5,6 +5,7 @@ import torch
 
 from psa_adapter import AdapterMismatchError, PSAAdapter
 from psa_adapter.adapter import cross_attention_layers
+from psa_adapter.attention import MissingUserTokensError
 from psa_adapter.reference import reference_state_dict
 from psa_adapter.testing import tiny_sd15_pipeline, tiny_sdxl_pipeline
 
@@ -41,7 +42,7 @@ def run(unet, adapter, users, seed=0):
     with torch.no_grad():
         if adapter is None:
             return unet(latents, t, text, **kwargs).sample
-        return unet(latents, t, adapter.extend_hidden_states(text, adapter.user_tokens(users)), **kwargs).sample
+        return unet(latents, t, text, **adapter.unet_kwargs(adapter.user_tokens(users)), **kwargs).sample
 
 
 def test_zero_init_and_scale_zero_are_bit_identical_to_base(unet):
@@ -108,10 +109,10 @@ def test_k_greater_than_one_uses_every_token(unet):
         latents, t, text, kwargs = unet_inputs(unet)
         tokens = adapter.user_tokens(torch.randn(2, E))
         with torch.no_grad():
-            a = unet(latents, t, adapter.extend_hidden_states(text, tokens), **kwargs).sample
+            a = unet(latents, t, text, **adapter.unet_kwargs(tokens), **kwargs).sample
             tokens2 = tokens.clone()
             tokens2[:, 2] += 1.0  # change only the last user token
-            b = unet(latents, t, adapter.extend_hidden_states(text, tokens2), **kwargs).sample
+            b = unet(latents, t, text, **adapter.unet_kwargs(tokens2), **kwargs).sample
         assert (a - b).abs().max() > 1e-4
     finally:
         adapter.detach()
@@ -204,21 +205,36 @@ def test_bad_reference_keys_and_mismatch_errors(unet, tmp_path):
         PSAAdapter.from_pretrained(tmp_path / "nope", unet=unet)
 
 
-def test_missing_user_tokens_is_an_error(unet):
+def test_missing_or_misbatched_user_tokens_is_an_error(unet):
     adapter = PSAAdapter.for_unet(unet, embed_dim=E).attach(unet)
     try:
         latents, t, text, kwargs = unet_inputs(unet)
-        with pytest.raises(ValueError, match="no user tokens"):
-            unet(latents, t, text[:, :1], **kwargs)
+        with pytest.raises(MissingUserTokensError, match="no user tokens.*user_embeds"):
+            unet(latents, t, text, **kwargs)
+        adapter.set_scale(0.0)  # even where the branch would add nothing: the call is wrong
+        with pytest.raises(MissingUserTokensError, match="no user tokens"):
+            unet(latents, t, text, **kwargs)
+        tokens = adapter.user_tokens(torch.randn(1, E))  # one row for a batch of two
+        with pytest.raises(MissingUserTokensError, match=r"shape \(2, 1, D\).*classifier-free guidance"):
+            unet(latents, t, text, **adapter.unet_kwargs(tokens), **kwargs)
     finally:
         adapter.detach()
 
 
-def test_unet_parameters_untouched_by_attach(unet):
+def test_attach_adds_only_the_adapter_to_the_unet_and_detach_restores_it(unet):
     before = {k: v.clone() for k, v in unet.state_dict().items()}
+    processors = unet.attn_processors
     adapter = PSAAdapter.for_unet(unet, embed_dim=E).attach(unet)
-    assert set(unet.state_dict()) == set(before)
+    after = unet.state_dict()
+    # Processors are modules: the adapter's weights show in the UNet's state dict (and follow unet.to()).
+    added = sorted(set(after) - set(before))
+    assert set(before) <= set(after)
+    assert len(added) == 2 * len(adapter.config.layers)
+    assert all(".processor.branch.to_" in k for k in added)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
     adapter.detach()
+    assert list(unet.state_dict()) == list(before)
+    assert all(unet.attn_processors[n] is p for n, p in processors.items())
 
 
 def test_attached_adapter_does_not_own_the_unet(unet):
