@@ -134,9 +134,9 @@ class UserBranch(nn.Module):
         nn.init.zeros_(self.to_v_user.weight)
 
 
-def _download(repo_id: str) -> Path:
-    """A Hugging Face Hub id (``owner/name``) as a local folder holding an adapter, via the Hub's cache."""
-    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", repo_id) or repo_id.startswith("."):
+def _download(repo_id: str | os.PathLike) -> Path:
+    """A Hugging Face Hub id (a string ``owner/name``) as a local folder holding an adapter, via the Hub's cache."""
+    if not isinstance(repo_id, str) or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", repo_id):
         raise FileNotFoundError(f"adapter path does not exist: {repo_id}")
     from huggingface_hub import snapshot_download
 
@@ -443,9 +443,9 @@ class PSAAdapter(nn.Module):
 
         When ``unet`` is given the adapter is checked against it (but not attached).
         """
-        path = Path(path)
+        spec, path = path, Path(path)
         if not path.exists():
-            path = _download(str(path))
+            path = _download(spec)
         if path.is_dir() and (path / CONFIG_NAME).exists():
             config = PSAAdapterConfig.from_json_file(path / CONFIG_NAME)
             adapter = cls(config)
