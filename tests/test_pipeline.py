@@ -186,3 +186,21 @@ def test_load_pipeline_missing_folder_names_it(tmp_path):
     (tmp_path / "not-a-pipeline").mkdir()
     with pytest.raises(ModelLoadError, match="model_index.json"):
         load_pipeline(tmp_path / "not-a-pipeline")
+
+
+def test_text_conditioner_equals_the_pipelines_encode_prompt(pipe):
+    """Training's TextConditioner encodes captions exactly as the pipeline does at generation time."""
+    from psa_adapter.conditioning import TextConditioner
+
+    conditioner = TextConditioner.from_pipeline_components(
+        pipe.unet, pipe.tokenizer, pipe.text_encoder, getattr(pipe, "tokenizer_2", None),
+        getattr(pipe, "text_encoder_2", None),
+    )
+    ours = conditioner.encode(PROMPTS)
+    theirs = pipe.encode_prompt(prompt=PROMPTS, device="cpu", num_images_per_prompt=1,
+                                do_classifier_free_guidance=False)
+    assert torch.equal(ours.encoder_hidden_states, theirs[0])
+    if pipe.kind == "sdxl":
+        assert torch.equal(ours.pooled_text_embeds, theirs[2])
+    else:
+        assert ours.pooled_text_embeds is None
