@@ -89,15 +89,14 @@ class PSAPipelineMixin:
         """Load an adapter (our folder, a Hub id, a reference ``psa_adapter.bin`` / ``.safetensors``, or a
         ``PSAAdapter``) onto this pipeline's UNet, replacing any other loaded before; ``scale`` (default: the
         adapter's own, 1.0 when loaded from a file) as in ``set_psa_scale``. Returns the adapter."""
-        if self.psa_adapter is not None and self.psa_adapter is not pretrained:
-            self._detach_psa()
         if isinstance(pretrained, PSAAdapter):
             adapter, source = pretrained, "given as an object"
         else:
             source = str(pretrained)
-            adapter = PSAAdapter.from_pretrained(pretrained, unet=self.unet)
-            param = next(self.unet.parameters())
-            adapter.to(param.device).eval()
+            adapter = PSAAdapter.from_pretrained(pretrained, unet=self.unet)  # a bad file leaves the pipeline as is
+            adapter.to(next(self.unet.parameters()).device).eval()
+        if self.psa_adapter is not None and self.psa_adapter is not adapter:
+            self._detach_psa()
         adapter.attach(self.unet)
         if scale is not None:
             adapter.set_scale(scale)
