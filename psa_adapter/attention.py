@@ -13,6 +13,8 @@ self-attention processors are therefore wrapped in ``PSAPassThroughProcessor``, 
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,6 +26,12 @@ class MissingUserTokensError(ValueError):
     """The UNet was called without user tokens while a PSA adapter is attached."""
 
 
+def _takes_ip_adapter_masks(processor) -> bool:
+    """Whether ``processor`` accepts ``ip_adapter_masks`` (diffusers passes a processor only the names it takes)."""
+    parameters = inspect.signature(processor.__call__).parameters
+    return "ip_adapter_masks" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+
 class PSAPassThroughProcessor(nn.Module):
     """Wraps a self-attention layer's processor while an adapter is attached: it accepts (and ignores) the user
     tokens so that diffusers does not warn about them, and calls the wrapped processor unchanged."""
@@ -31,10 +39,11 @@ class PSAPassThroughProcessor(nn.Module):
     def __init__(self, base_processor):
         super().__init__()
         self.base_processor = base_processor
+        self.forward_masks = _takes_ip_adapter_masks(base_processor)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  psa_user_tokens=None, ip_adapter_masks=None, **kwargs):
-        if ip_adapter_masks is not None:
+        if ip_adapter_masks is not None and self.forward_masks:
             kwargs["ip_adapter_masks"] = ip_adapter_masks
         return self.base_processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
 
@@ -56,10 +65,11 @@ class PSAAttnProcessor(nn.Module):
         self.num_tokens = num_tokens
         self.scale = scale
         self.force_general_path = False
+        self.forward_masks = _takes_ip_adapter_masks(base_processor)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  psa_user_tokens=None, ip_adapter_masks=None, **kwargs):
-        if ip_adapter_masks is not None:
+        if ip_adapter_masks is not None and self.forward_masks:
             kwargs["ip_adapter_masks"] = ip_adapter_masks
         user_tokens = self._check_tokens(psa_user_tokens, hidden_states.shape[0])
         out = self.base_processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
