@@ -120,6 +120,9 @@ def generate(
     prompts = list(prompts)
     if len(seeds) != len(prompts):
         raise ValueError(f"need one seed per prompt: {len(prompts)} prompts, {len(seeds)} seeds")
+    if "adapter" in pipe_kwargs:
+        raise TypeError("generate() takes no adapter: load it onto the pipeline with load_psa_adapter(pipe, adapter) "
+                        "(a path or a PSAAdapter) and pass user_embeds")
     psa = {}
     if getattr(pipe, "psa_adapter", None) is not None:
         psa = {"user_embeds": user_embeds, "psa_scale": psa_scale, "psa_uncond": psa_uncond}

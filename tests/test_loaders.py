@@ -238,6 +238,8 @@ def test_generate_without_a_loaded_adapter_raises(pipe):
         generate(pipe, PROMPTS, SEEDS, user_embeds=_users(), num_inference_steps=STEPS)
     with pytest.raises(RuntimeError, match="no PSA adapter is loaded.*load_psa_adapter"):
         generate(pipe, PROMPTS, SEEDS, psa_scale=0.5, num_inference_steps=STEPS)
+    with pytest.raises(TypeError, match="takes no adapter: load it onto the pipeline with load_psa_adapter"):
+        generate(pipe, PROMPTS, SEEDS, adapter=adapter, user_embeds=_users(), num_inference_steps=STEPS)
     cls = PSAStableDiffusionXLPipeline if pipe.kind == "sdxl" else PSAStableDiffusionPipeline
     psa_pipe = cls(**pipe.components)
     with pytest.raises(RuntimeError, match="no PSA adapter is loaded.*load_psa_adapter"):
