@@ -81,7 +81,12 @@ def _lora(pipe, path: str | None) -> None:
         return
     if not Path(path).exists():
         raise MethodError(f"--lora_path not found: {path}")
-    pipe.load_lora_weights(path)
+    try:
+        pipe.load_lora_weights(path)
+    except Exception as err:  # noqa: BLE001 - diffusers/peft/safetensors raise many types; one message, no traceback
+        detail = str(err).strip().splitlines()
+        raise MethodError(f"--lora_path {path}: not a LoRA for this model ({type(err).__name__}: "
+                          f"{' '.join(line.strip() for line in detail[:2])[:400]})") from err
 
 
 @register
