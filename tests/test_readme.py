@@ -7,6 +7,7 @@ way it is exercised here.
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -235,7 +236,8 @@ def exercise_judge(argv: list[str], ws: Path) -> None:
     for flag in ("--images", "--images-a", "--images-b"):
         if flag in opts:
             folder = ws / opts[flag]
-            folder.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(folder, ignore_errors=True)  # other README examples write into the same folders
+            folder.mkdir(parents=True)
             for k, name in enumerate(names):
                 Image.new("RGB", (8, 8), (200, 0, 50) if k % 2 else (0, 0, 200)).save(folder / name)
     if argv[3] == "summarize":
@@ -312,7 +314,8 @@ def exercise_metrics(argv: list[str], ws: Path, upstream: Path | None) -> None:
         names = [f"user_0000001_violence_concept_{i:05d}_u.jpg" for i in range(3)]
     for flag, shift in (("--images", 0), ("--reference", 60)):
         if flag in opts:
-            (ws / opts[flag]).mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(ws / opts[flag], ignore_errors=True)  # other README examples write into the same folders
+            (ws / opts[flag]).mkdir(parents=True)
             for k, name in enumerate(names):
                 Image.new("RGB", (64 + 16 * k, 48), (40 * k + shift, 90, 200 - shift)).save(ws / opts[flag] / name)
     if "--q16-prompts" in opts:
