@@ -7,6 +7,7 @@ way it is exercised here.
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,7 +43,7 @@ def workspace(tmp_path_factory):
     from psa_adapter.users import assign_banned, build_store, get_encoder, get_policy, sample_profiles, write_users_csv
 
     ws = tmp_path_factory.mktemp("readme")
-    for name in ("configs", "launchers", "infer.py", "train.py"):
+    for name in ("configs", "launchers", "infer.py", "train.py", "evaluation"):
         (ws / name).symlink_to(REPO / name)
     save_tiny_pipeline("sd15", ws / "sd15")
     save_tiny_pipeline("sdxl", ws / "sdxl")
@@ -102,6 +103,17 @@ def exercise(command: str, ws: Path, upstream: Path | None) -> None:
         # The demo runs in test_demo (--quick); `make test` is this very run. Check both targets exist.
         dry = subprocess.run(["make", "-n", argv[1]], cwd=REPO, capture_output=True, text=True)
         assert dry.returncode == 0 and ("psa_adapter.demo" in dry.stdout or "pytest" in dry.stdout), dry.stderr
+    elif argv[:2] == ["make", "app"] or argv[:2] == ["make", "toy-adapter"] or argv[:2] == ["make", "chromium"]:
+        # `make app` serves until stopped and `make toy-adapter` trains for half an hour: check what they run, and
+        # run the page's command itself below (the python -m psa_adapter.app rule); the browser test needs chromium.
+        dry = subprocess.run(["make", "-n", argv[1]], cwd=REPO, capture_output=True, text=True)
+        expected = {"app": "-m psa_adapter.app", "toy-adapter": "-m psa_adapter.toyworld.toy_adapter",
+                    "chromium": "apt-get install -y --no-install-recommends chromium"}[argv[1]]
+        assert dry.returncode == 0 and expected in dry.stdout, dry.stdout + dry.stderr
+        if argv[1] == "toy-adapter":
+            run([sys.executable, "-m", "psa_adapter.toyworld.toy_adapter", "--help"], ws)
+    elif argv[:3] == ["python", "-m", "psa_adapter.app"]:
+        exercise_app(argv, ws)
     elif "infer.py" in argv and "--llm_model" in argv:
         exercise_llm_infer(argv, ws)
     elif "infer.py" in argv:
@@ -136,8 +148,49 @@ def exercise(command: str, ws: Path, upstream: Path | None) -> None:
             assert out.stdout.strip().splitlines()[-1].startswith("exact_match=")
     elif argv[:3] == ["python", "-m", "evaluation.judge"]:
         exercise_judge(argv, ws)
+    elif (argv[:3] == ["python", "-m", "evaluation"] and argv[3] in ("prepare", "generate", "tables", "run")) or \
+            argv[0].startswith("evaluation/scripts/") or argv[:3] == ["python", "-m", "psa_adapter.evaluation.tiny"]:
+        exercise_driver(argv, ws, upstream)
+    elif argv[:4] == ["python", "-m", "evaluation", "metrics"]:
+        exercise_metrics(argv, ws, upstream)
     else:
         pytest.fail(f"README command not exercised by any test: {command}")
+
+
+def exercise_app(argv: list[str], ws: Path) -> None:
+    """Start the page briefly on a free port (the README's port may be taken here), wait for the address it prints,
+    load the page, generate once through the endpoint, and stop it."""
+    import threading
+    import time
+    import urllib.request
+
+    from psa_adapter.app.server import choose_port
+
+    port = choose_port("127.0.0.1", None)
+    if "--port" in argv:
+        argv = argv[: argv.index("--port")] + argv[argv.index("--port") + 2:]
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
+               GRADIO_TEMP_DIR=str(ws / "gradio_tmp"))
+    proc = subprocess.Popen([sys.executable] + argv[1:] + ["--port", str(port)], cwd=ws, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and not any("PSA page:" in x for x in lines):
+            time.sleep(0.5)
+        url = f"http://127.0.0.1:{port}/"
+        assert any(url in x for x in lines), f"{lines}\n{proc.stderr.read() if proc.poll() is not None else ''}"
+        with urllib.request.urlopen(url, timeout=60) as response:
+            assert response.status == 200
+        from gradio_client import Client
+
+        out = Client(url, verbose=False).predict("level", "L3", 30, "female", "None", "healthy", "healthy", [],
+                                                 "a red circle", 0, 1.0, api_name="/generate")
+        assert out[0].startswith("For level L3") and out[1] is not None and out[2] is not None, out[0]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
 
 
 def exercise_llm_infer(argv: list[str], ws: Path) -> None:
@@ -183,7 +236,8 @@ def exercise_judge(argv: list[str], ws: Path) -> None:
     for flag in ("--images", "--images-a", "--images-b"):
         if flag in opts:
             folder = ws / opts[flag]
-            folder.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(folder, ignore_errors=True)  # other README examples write into the same folders
+            folder.mkdir(parents=True)
             for k, name in enumerate(names):
                 Image.new("RGB", (8, 8), (200, 0, 50) if k % 2 else (0, 0, 200)).save(folder / name)
     if argv[3] == "summarize":
@@ -200,23 +254,112 @@ def exercise_judge(argv: list[str], ws: Path) -> None:
     assert summary["n"] == len(names) and summary["errors"] == 0 and summary["total"] == len(names)
 
 
+def exercise_driver(argv: list[str], ws: Path, upstream: Path | None) -> None:
+    """The evaluation driver: prepare on the reference's prompt files (UD is not among them: exit 1, reported); the
+    tiny smoke run as written; the paper's protocol through the scripts on the tiny config (no SD weights here)."""
+    if argv[3:4] == ["prepare"]:
+        if upstream is None:
+            pytest.skip("the prepare example reads the reference prompt files in ../shared")
+        argv = [a.replace("data/eval_data", str(upstream / "eval_data")) for a in argv]
+        env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+        result = subprocess.run([sys.executable] + argv[1:], cwd=ws, env=env, capture_output=True, text=True)
+        assert result.returncode == 1 and "ud: missing" in result.stdout, result.stdout + result.stderr
+        for name in ("sage_seen", "sage_unseen", "coprov2", "i2p", "coco"):
+            assert f"{name}: complete" in result.stdout, result.stdout
+        return
+    if not (ws / "outputs/eval_tiny/tiny6.csv").is_file():
+        run([sys.executable, "-m", "psa_adapter.evaluation.tiny", "--out", "outputs/eval_tiny"], ws)
+    if argv[:3] == ["python", "-m", "psa_adapter.evaluation.tiny"]:
+        run([sys.executable] + argv[1:], ws)
+        assert (ws / "outputs/eval_tiny/psa/config.json").is_file()
+        return
+    argv = [a.replace("configs/eval_reference.yaml", "configs/eval_tiny.yaml") for a in argv]
+    out = run([sys.executable if a == "python" else a for a in argv], ws)
+    if "run_gen.sh" in argv[0]:
+        assert "[generate] tiny6/psa/sd15/L5: 6 images" in out.stdout
+    else:
+        assert (ws / "outputs/eval_tiny/run/tables/summary.csv").is_file() and "[tables]" in out.stdout
+
+
+def exercise_metrics(argv: list[str], ws: Path, upstream: Path | None) -> None:
+    """The metric commands on a few small images: a tiny random CLIP (768-d projection, as Q16 needs) stands in
+    for the hub models, Q16's prompts are the real prompts.p when ../shared has it (else a random array of its
+    shape), the real NudeNet and Inception models run, caches go into the workspace."""
+    import json
+    import pickle
+
+    from PIL import Image
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    from psa_adapter.testing import write_char_tokenizer
+
+    opts = dict(zip(argv[4::2], argv[5::2]))
+    clip = ws / "tiny_clip"
+    if not clip.exists():
+        write_char_tokenizer(clip)
+        vocab = len(json.loads((clip / "vocab.json").read_text()))
+        CLIPModel(CLIPConfig(
+            text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=2, bos_token_id=vocab - 2, eos_token_id=vocab - 1,
+                             pad_token_id=vocab - 1),
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                               image_size=32, patch_size=8),
+            projection_dim=768)).save_pretrained(clip)
+        CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(clip)
+    names = [f"COCO_val2014_{i:012d}.jpg" for i in range(3)]
+    if "--prompts" in opts:
+        (ws / opts["--prompts"]).write_text("caption,file_name\n" + "".join(f"a photo {i},{n}\n"
+                                                                            for i, n in enumerate(names)))
+    else:
+        names = [f"user_0000001_violence_concept_{i:05d}_u.jpg" for i in range(3)]
+    for flag, shift in (("--images", 0), ("--reference", 60)):
+        if flag in opts:
+            shutil.rmtree(ws / opts[flag], ignore_errors=True)  # other README examples write into the same folders
+            (ws / opts[flag]).mkdir(parents=True)
+            for k, name in enumerate(names):
+                Image.new("RGB", (64 + 16 * k, 48), (40 * k + shift, 90, 200 - shift)).save(ws / opts[flag] / name)
+    if "--q16-prompts" in opts:
+        prompts = ws / opts["--q16-prompts"]
+        prompts.parent.mkdir(parents=True, exist_ok=True)
+        real = upstream / "q16" / "ViT-L-14" / "prompts.p" if upstream else None
+        prompts.write_bytes(real.read_bytes() if real and real.is_file() else
+                            pickle.dumps(np.random.default_rng(0).normal(size=(2, 768)).astype(np.float16)))
+    argv = [str(clip) if a == opts.get("--clip-model") else a for a in argv]
+    extra = ["--cache-dir", "cache", "--device", "cpu"] + (["--clip-model", str(clip)] if "--clip-model" not in opts
+                                                            else [])
+    run([sys.executable] + argv[1:] + extra, ws)
+    summary = json.loads((ws / opts["--out"] / "summary.json").read_text())
+    name = {"inpro": "inpro", "fid": "fid", "clip": "clip_score"}[opts["--metric"]]
+    assert summary["n"] == 3 and summary["missing"] == 0 and isinstance(summary[name], float)
+
+
 @pytest.mark.parametrize("command", readme_commands())
 def test_readme_command(command, workspace):
     shared = REPO.parent / "shared" / "upstream-data"
     exercise(command, workspace, shared if shared.is_dir() else None)
 
 
-def test_readme_python_snippet(workspace, tmp_path, monkeypatch):
-    """The adapter example runs as written, given a pipeline, user embeddings and text embeddings."""
-    from psa_adapter import PSAAdapter
-    from psa_adapter.reference import reference_state_dict
-    from psa_adapter.testing import tiny_sd15_pipeline
+def test_readme_python_snippets(workspace, tmp_path, monkeypatch):
+    """The adapter examples run as written: load, generate for a user (embedding, level, one-call options), set
+    scale, unload (the base pipeline again); then the training-side UNet call."""
+    from psa_adapter.users import EmbeddingStore
 
-    pipe = tiny_sd15_pipeline()
-    snippet = readme_blocks("python")[0].replace("embed_dim=384", "embed_dim=16")
+    pipeline_block, training_block = readme_blocks("python")[:2]
+    uid = EmbeddingStore.open(workspace / "embeddings.safetensors").user_ids[0]
+    for old, new in (("runwayml/stable-diffusion-v1-5", workspace / "sd15"),
+                     ("trained_models/psa-sd15", workspace / "adapter_sd15"),
+                     ("path/to/embeddings/0000001.npy", workspace / "npy" / f"{uid}.npy")):
+        assert old in pipeline_block
+        pipeline_block = pipeline_block.replace(old, str(new))
     monkeypatch.chdir(tmp_path)
-    torch.save(reference_state_dict(PSAAdapter.for_unet(pipe.unet, embed_dim=16)), tmp_path / "psa_adapter.bin")
-    namespace = {"pipe": pipe, "user_embeds": torch.randn(2, 16), "text_embeds": torch.randn(2, 77, 32)}
-    exec(compile(snippet, "README.md", "exec"), namespace)  # noqa: S102 - our own README
-    assert namespace["states"].shape == (2, 78, 32)
+    namespace = {}
+    exec(compile(pipeline_block, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    pipe = namespace["pipe"]
+    assert type(pipe).__name__ == "StableDiffusionPipeline" and not hasattr(pipe, "psa_adapter")
+    assert namespace["image"].size == (32, 32)
+
+    namespace = {"pipe": pipe, "user_embeds": torch.randn(2, 384), "text_embeds": torch.randn(2, 77, 32),
+                 "latents": torch.randn(2, 4, 16, 16), "t": 10}
+    exec(compile(training_block, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    assert namespace["noise_pred"].shape == (2, 4, 16, 16)
     assert (tmp_path / "my_adapter" / "config.json").exists()
