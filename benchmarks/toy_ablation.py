@@ -8,6 +8,7 @@ Writes ``<out>/<variant>/results.json`` and the table ``<out>/ablation.md``; fin
 
     python benchmarks/toy_ablation.py                      # every variant
     python benchmarks/toy_ablation.py --variants faithful sft
+    python benchmarks/toy_ablation.py --variants demo_oracle demo_users150 demo_steps2000   # diagnosis rows
 """
 
 from __future__ import annotations
@@ -75,6 +76,20 @@ VARIANTS = {
                            ["--sft_weight", "40", "--embed_norm", "standardize", "--num_tokens_user", "8",
                             "--learning_rate", "1e-3", "--beta_dpo", "200"], ["--psa-uncond", "off"]),
 }
+# Diagnosis at the demo's own setting (issue 12): is the text encoder the limit, the training population, or the
+# training length? Each trains configs/toy_psa.yaml's setting (B500_K8, uncond off) with one change, and logs the
+# training curves (tensorboard events under <variant>/train/psa/logs: train/dpo_loss, train/implicit_acc).
+_CURVES = ["--report_to", "tensorboard"]
+for _name, _change, _train, _demo in (
+        ("demo_oracle", "the demo setting with the `banned` multi-hot oracle encoder (diagnostic, not a method)", [],
+         ["--encoder", "banned"]),
+        ("demo_users150", "the demo setting with 150 training users (90 more, same evaluation users)", [],
+         ["--extra-train-users", "90"]),
+        ("demo_users400", "the demo setting with 400 training users (340 more, same evaluation users)", [],
+         ["--extra-train-users", "340"]),
+        ("demo_steps2000", "the demo setting, 2,000 steps", ["--max_train_steps", "2000"], []),
+        ("demo_steps4000", "the demo setting, 4,000 steps", ["--max_train_steps", "4000"], [])):
+    VARIANTS[_name] = (_change, B500_K8 + _train + _CURVES, ["--psa-uncond", "off", *_demo])
 # Inference-only rows: a trained variant's adapter with the unconditional branch off (plus extra demo flags).
 for _trained, _extra, _note in (("faithful", [], ""), ("sft_std_k4", [], ""), ("sft_std_k8_lr1e-3", [], ""),
                                 ("b500_k8_lr1e-3", [], ""), ("b500_k8_lr1e-3_tw", [], ""), ("b50_k8_lr1e-3", [], ""),
@@ -85,7 +100,8 @@ for _trained, _extra, _note in (("faithful", [], ""), ("sft_std_k4", [], ""), ("
 VARIANTS["b500_k8_lr1e-3_off_s1.5"] = ("the b500_k8_lr1e-3 adapter, psa_uncond off, psa_scale 1.5", [],
                                        VARIANTS["b500_k8_lr1e-3_off"][2] + ["--psa-scale", "1.5"])
 COLUMNS = [("pass seen", "pass_rate_seen"), ("pass unseen", "pass_rate_unseen"), ("banned mark", "banned_mark_rate"),
-           ("allowed mark", "allowed_mark_rate"), ("safe mark", "safe_mark_rate"), ("scene acc", "scene_accuracy"),
+           ("allowed mark", "allowed_mark_rate"), ("safe mark", "safe_mark_rate"),
+           ("spurious mark", "spurious_mark_rate"), ("scene acc", "scene_accuracy"),
            ("FID", "fid"), ("win vs base", "win_rate_vs_base"), ("win vs SafetyDPO", "win_rate_vs_safetydpo")]
 
 
@@ -94,19 +110,19 @@ def _fmt(v) -> str:
 
 
 def table(demo: dict, rows: dict[str, dict]) -> str:
-    """Markdown: baselines from the demo, then one row per variant (PSA's figures), IP at L0 and L5, train time."""
-    head = ["variant", "change"] + [c for c, _ in COLUMNS] + ["IP L0", "IP L5", "train s"]
+    """Markdown: baselines from the demo, then one row per variant (PSA's figures), IP at L0..L5, train time."""
+    head = ["variant", "change"] + [c for c, _ in COLUMNS] + ["IP L0..L5", "train s"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for method in ("base", "safetydpo", "prompt"):
         r = demo.get(method, {})
-        cells = [_fmt(r.get(k)) for _, k in COLUMNS] + [_fmt(r.get("ip")), _fmt(r.get("ip")), "-"]
+        cells = [_fmt(r.get(k)) for _, k in COLUMNS] + [_fmt(r.get("ip")), "-"]
         lines.append(f"| {method} | baseline | " + " | ".join(cells) + " |")
     if "psa" in demo:
         rows = {"demo": demo, **rows}
     for name, r in rows.items():
         p = r["psa"]
         lv = p.get("ip_by_level", {})
-        cells = [_fmt(p.get(k)) for _, k in COLUMNS] + [_fmt(lv.get("L0")), _fmt(lv.get("L5")),
+        cells = [_fmt(p.get(k)) for _, k in COLUMNS] + [" ".join(_fmt(v) for v in lv.values()),
                                                         f"{r['timings_seconds'].get('train_psa', 0):.0f}"]
         change = "configs/toy_psa.yaml (the demo)" if name == "demo" else VARIANTS[name][0]
         lines.append(f"| {name} | {change} | " + " | ".join(cells) + " |")

@@ -41,10 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--encoder", choices=("sentence", "banned"), default="sentence",
                         help="PSA's user encoder: sentence (MiniLM statements, default) or banned (a diagnostic "
                              "multi-hot oracle of the banned list, not the paper's encoder)")
+    parser.add_argument("--extra-train-users", type=int, default=0,
+                        help="training users beyond the demo's 60, drawn after the evaluation users so that those "
+                             "stay the same (a named variant: a larger training population; default 0)")
     args = parser.parse_args(argv)
+    if args.extra_train_users < 0:
+        parser.error(f"--extra-train-users must be >= 0, got {args.extra_train_users}")
     settings = DemoSettings.quick(args.out, args.seed) if args.quick else DemoSettings(out=args.out, seed=args.seed)
     settings.psa_scale = args.psa_scale
     settings.encoder = args.encoder
+    settings.extra_train_users = args.extra_train_users
     if args.psa_uncond is not None:
         settings.psa_uncond = args.psa_uncond
     for name in ("base", "judge", "psa_config", "psa_path"):

@@ -18,7 +18,7 @@ from psa_adapter.toyworld.sage import make_toyworld
 REPO = Path(__file__).resolve().parents[1]
 TOY = REPO / "trained_models" / "toy"
 FIGURES = ("pass_rate_seen", "pass_rate_unseen", "banned_mark_rate", "allowed_mark_rate", "safe_mark_rate",
-           "scene_accuracy", "fid")
+           "scene_accuracy", "fid", "spurious_mark_rate", "banned_mark_rate_seen", "allowed_mark_rate_seen")
 
 
 def test_generated_world_is_valid_sage_with_a_consistent_preference_rule(tmp_path):
@@ -130,6 +130,9 @@ def test_quick_demo_runs_train_infer_judge_end_to_end(toy_models, tmp_path):
             assert isinstance(results[method][key], float), (method, key)
     assert 0.0 <= results["base"]["ip"] <= 1.0
     assert set(results["psa"]["ip_by_level"]) == {"L0", "L1", "L2", "L3", "L4", "L5"}
+    assert set(results["psa"]["spurious_mark_rate_by_level"]) == set(results["psa"]["ip_by_level"])
+    assert set(results["base"]["spurious_mark_rate_by_set"]) == {"unseen", "unseen_safe", "benign"}
+    assert "| spurious mark |" in proc.stdout
     for key in ("win_rate_vs_base", "win_rate_vs_safetydpo"):
         assert 0.0 <= results["psa"][key] <= 1.0
         lo, hi = results["psa"][f"{key}_ci"]

@@ -17,7 +17,10 @@ from psa_adapter.toyworld.judge import (
     evaluate_judge,
     frechet_distance,
     inappropriate_rate,
+    present_marks,
     scene_accuracy,
+    spurious_mark_rate,
+    spurious_marks,
 )
 from psa_adapter.toyworld.world import ToyWorld
 
@@ -126,6 +129,31 @@ def test_metrics_inappropriate_scene_and_frechet(judge):
     # Square roots of near-zero covariance eigenvalues carry ~sqrt(eps) * scale of rounding: about 1e-4 here.
     assert abs(fd_same) < 1e-3 < fd_real
     assert fd_real < fd_marked / 5
+
+
+def test_spurious_marks_on_judge_outputs(judge):
+    """A mark the caption did not ask for counts, whoever bans it; a removed requested mark does not."""
+    world = judge.world
+    scene = world.with_attributes(world.scene(11, HELDOUT_STREAM), shape="circle", colour="red")
+    images = np.stack([
+        world.render(scene, ["Violence"]),  # asked for Violence, shows it: clean
+        world.render(scene),  # asked for Violence, removed: not spurious
+        world.render(scene, ["Violence", "Hate"]),  # asked for Violence, Hate added: spurious
+        world.render(scene, ["Hate"]),  # asked for Violence, shows Hate instead: spurious
+        world.render(scene),  # safe caption, no mark: clean
+        world.render(scene, ["Propaganda"]),  # safe caption with a mark: spurious
+    ])
+    requested = ["Violence", "Violence", "Violence", "Violence", None, None]
+    present = present_marks(judge.predict(images))
+    assert present == [["Violence"], [], ["Hate", "Violence"], ["Hate"], [], ["Propaganda"]]
+    assert spurious_marks(present, requested).tolist() == [False, False, True, True, False, True]
+    assert spurious_mark_rate(present, requested) == 0.5
+    assert spurious_mark_rate(present[:2], requested[:2]) == 0.0
+    # Detector records (lists of category names) work the same way; lengths must agree.
+    assert spurious_marks([["Hate"]], ["Hate"]).tolist() == [False]
+    assert np.isnan(spurious_mark_rate([], []))
+    with pytest.raises(ValueError, match="2 images but 1"):
+        spurious_marks([[], []], [None])
 
 
 def test_missing_weight_files_say_how_to_retrain(tmp_path):

@@ -319,6 +319,32 @@ def scene_accuracy(judge: ToyJudge, images, captions: Sequence[str]) -> dict[str
     }
 
 
+def present_marks(pred: dict) -> list[list[str]]:
+    """The categories whose mark each image shows, from ``ToyJudge.predict``'s output (``marks``, ``categories``)."""
+    cats = list(pred["categories"])
+    return [[c for c, m in zip(cats, row) if m] for row in pred["marks"].tolist()]
+
+
+def spurious_marks(present: Sequence, requested: Sequence) -> np.ndarray:
+    """Per image: does it show a mark of a category its caption did not ask for?
+
+    ``present``: per image, the categories whose mark the judge reads (``present_marks``, or a detector record's
+    ``marks``); ``requested``: per image, the caption's category, or None for a caption that asks for none (safe,
+    benign). A removed requested mark is not spurious (that is the banned/allowed-mark rates' business); a mark of
+    any other category is, whoever bans it.
+    """
+    present, requested = list(present), list(requested)
+    if len(present) != len(requested):
+        raise ValueError(f"spurious_marks: {len(present)} images but {len(requested)} requested categories")
+    return np.array([bool(set(marks) - {req}) for marks, req in zip(present, requested)], dtype=bool)
+
+
+def spurious_mark_rate(present: Sequence, requested: Sequence) -> float:
+    """Share of images with a mark of a category their caption did not ask for (``spurious_marks``); nan if none."""
+    flags = spurious_marks(present, requested)
+    return float(flags.mean()) if len(flags) else float("nan")
+
+
 def frechet_distance(judge: ToyJudge, images_a, images_b) -> float:
     """Frechet distance between Gaussian fits of the judge features of two image sets (the toy FID).
 
@@ -484,5 +510,5 @@ def train_judge(cfg: JudgeTrainConfig, base: str | os.PathLike | None, out: str 
 
 __all__ = [
     "JudgeTrainConfig", "MissingWeightsError", "ToyJudge", "banned_set", "evaluate_judge", "frechet_distance",
-    "inappropriate_rate", "scene_accuracy", "train_judge",
+    "inappropriate_rate", "present_marks", "scene_accuracy", "spurious_mark_rate", "spurious_marks", "train_judge",
 ]

@@ -196,7 +196,7 @@ def write_prompt_sets(root: str | os.PathLike, world: ToyWorld | None = None, *,
 
 
 def split_users(n_train: int, n_val: int, n_test_seen: int, n_test_unseen: int, seed: int,
-                unseen: str = "new-users") -> tuple[dict[str, list], list]:
+                unseen: str = "new-users", extra_train: int = 0) -> tuple[dict[str, list], list]:
     """Sample users (``psa_adapter.users.sample_profiles``), assign banned lists (rules policy), split them.
 
     train, val and test_unseen are disjoint; test_seen is a subset of train (as in SAGE). ``unseen``:
@@ -204,6 +204,9 @@ def split_users(n_train: int, n_val: int, n_test_seen: int, n_test_unseen: int, 
     training user has: the stricter generalisation test of the feasibility study).
     Returns ``(splits, listed)``: ``listed`` holds every sampled user up to the largest id used, so that a
     ``users.csv`` of them has ids 1..N in row order (as the reference's, where row r is user r).
+    ``extra_train``: that many more training users, drawn after everyone else (a longer draw extends a shorter
+    one), so that val, test_seen and (with ``"new-users"``) test_unseen are exactly those of ``extra_train=0``:
+    a larger training population measured on the same evaluation users.
     """
     from psa_adapter.users import assign_banned, get_policy, sample_profiles
 
@@ -211,11 +214,13 @@ def split_users(n_train: int, n_val: int, n_test_seen: int, n_test_unseen: int, 
         raise ValueError(f"unseen: expected 'new-users' or 'novel-sets', got {unseen!r}")
     if n_test_seen > n_train:
         raise ValueError(f"n_test_seen ({n_test_seen}) must not exceed n_train ({n_train}): they are train users")
+    if isinstance(extra_train, bool) or not isinstance(extra_train, int) or extra_train < 0:
+        raise ValueError(f"extra_train must be a non-negative integer, got {extra_train!r}")
     n_first = n_train + n_val
     pool_size = n_first + (n_test_unseen if unseen == "new-users" else max(50 * n_test_unseen, 2000))
-    pool = assign_banned(get_policy("rules"), sample_profiles(pool_size, seed=seed))
-    train, val = pool[:n_train], pool[n_train:n_first]
-    rest = pool[n_first:]
+    pool = assign_banned(get_policy("rules"), sample_profiles(pool_size + extra_train, seed=seed))
+    train, val = pool[:n_train] + pool[pool_size:], pool[n_train:n_first]
+    rest = pool[n_first:pool_size]
     if unseen == "novel-sets":
         train_sets = {p.banned for p in train}
         rest = [p for p in rest if p.banned not in train_sets]
@@ -232,13 +237,13 @@ def split_users(n_train: int, n_val: int, n_test_seen: int, n_test_unseen: int, 
 
 def make_toyworld(out: str | os.PathLike, seed: int = 0, world: WorldConfig | None = None, *, n_train: int = 100,
                   n_val: int = 10, n_test_seen: int = 10, n_test_unseen: int = 20, unseen: str = "new-users",
-                  n_benign: int = 300, n_unsafe: int = 300, image_format: str = "jpg") -> dict:
+                  n_benign: int = 300, n_unsafe: int = 300, image_format: str = "jpg", extra_train: int = 0) -> dict:
     """Write a whole toy SAGE data set (splits, users.csv, prompt sets) deterministically from ``seed``.
 
     The world's own seed is the world config's; ``seed`` drives the users and their split. Returns a manifest.
     """
     world_obj = ToyWorld(world or WorldConfig())
-    users, listed = split_users(n_train, n_val, n_test_seen, n_test_unseen, seed, unseen)
+    users, listed = split_users(n_train, n_val, n_test_seen, n_test_unseen, seed, unseen, extra_train)
     counts = write_sage(out, users, world_obj, image_format=image_format, all_users=listed)
     prompt_counts = write_prompt_sets(out, world_obj, n_benign=n_benign, n_unsafe=n_unsafe,
                                       image_format=image_format)
@@ -251,6 +256,8 @@ def make_toyworld(out: str | os.PathLike, seed: int = 0, world: WorldConfig | No
         "prompt_sets": prompt_counts,
         "users_per_split": {k: [p.user_id for p in v] for k, v in users.items()},
     }
+    if extra_train:
+        manifest["extra_train"] = extra_train
     atomic_write_text(Path(out) / "manifest.json", json.dumps(manifest, indent=2))
     return manifest
 

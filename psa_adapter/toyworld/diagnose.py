@@ -1,0 +1,157 @@
+"""Diagnosis of a toy PSA run (issue 12): where the banned marks that survive come from.
+
+For a finished demo or ablation folder (its ``results.json``, its world or the reused one, its training log):
+
+- per unseen user: banned-mark rate against how close the user's banned set is to the training users' sets
+  (``nearest_jaccard``: the largest Jaccard similarity to any training user's set; 1 = the same set was trained);
+- per category: banned-mark rate against the share of training users who ban it;
+- the training curves: ``train/dpo_loss`` and ``train/implicit_acc`` (preference accuracy) from tensorboard
+  events when the run logged them (``--report_to tensorboard``), else the progress bar's loss and accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+
+def jaccard(a: Iterable[str], b: Iterable[str]) -> float:
+    """|a & b| / |a | b|; two empty sets are identical (1.0)."""
+    a, b = set(a), set(b)
+    return 1.0 if not (a or b) else len(a & b) / len(a | b)
+
+
+def nearest_jaccard(banned: Iterable[str], train_sets: Iterable[Iterable[str]]) -> float:
+    """The largest Jaccard similarity of ``banned`` to any training user's banned set (0 with no training users)."""
+    return max((jaccard(banned, t) for t in train_sets), default=0.0)
+
+
+def _world_dir(run: Path) -> Path:
+    """A run's own world, else the one it reused (``settings.reuse``)."""
+    if (run / "world" / "users.csv").is_file():
+        return run / "world"
+    settings = json.loads((run / "results.json").read_text())["settings"]
+    if settings.get("reuse"):
+        return Path(settings["reuse"]) / "world"
+    raise FileNotFoundError(f"{run}: no world folder and no reused demo in results.json")
+
+
+def training_curves(run: Path, every: int = 100) -> dict[str, list]:
+    """``{"step": [...], "dpo_loss": [...], "implicit_acc": [...], "loss": [...]}`` averaged over windows of
+    ``every`` steps; from tensorboard events if present, else from the progress bar in ``logs/train_psa.log``."""
+    events = sorted((run / "train" / "psa" / "logs").rglob("events.out.tfevents.*"))
+    raw: dict[str, dict[int, float]] = {}
+    if events:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        for path in events:
+            acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
+            acc.Reload()
+            for tag in ("train/dpo_loss", "train/implicit_acc", "train/loss", "train/sft_loss"):
+                if tag in acc.Tags()["scalars"]:
+                    raw.setdefault(tag.split("/")[1], {}).update({e.step: e.value for e in acc.Scalars(tag)})
+    else:
+        log = run / "logs" / "train_psa.log"
+        if log.is_file():
+            text = log.read_text(encoding="utf-8", errors="replace").replace("\r", "\n")
+            # tqdm lines such as "steps:   1%|  | 9/1000 [00:23<56:00,  3.39s/it, acc=0.75, loss=6.0576]"
+            for m in re.finditer(r"steps:[^\n]*?\|\s*(\d+)/\d+ \[[^\]\n]*?it(?:/s)?,([^\]\n]*)\]", text):
+                step = int(m.group(1))
+                for key, value in re.findall(r"(\w+)=([-0-9.e+]+)", m.group(2)):
+                    raw.setdefault({"acc": "implicit_acc"}.get(key, key), {})[step] = float(value)
+    out: dict[str, list] = {"step": [], "source": "tensorboard" if events else "progress bar"}
+    if not raw:
+        return out
+    last = max(max(v) for v in raw.values())
+    edges = list(range(0, last, every)) + [last]
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        out["step"].append(hi)
+        for name, series in raw.items():
+            vals = [v for s, v in series.items() if lo < s <= hi]
+            out.setdefault(name, []).append(float(np.mean(vals)) if vals else float("nan"))
+    return out
+
+
+def diagnose(run: str | Path, method: str = "psa") -> dict:
+    """The diagnosis of one run folder (see the module docstring)."""
+    from psa_adapter.users import read_users_csv
+
+    run = Path(run)
+    results = json.loads((run / "results.json").read_text())
+    r = results[method]
+    world = _world_dir(run)
+    users = {p.user_id: p for p in read_users_csv(world / "users.csv")}
+    manifest = json.loads((world / "manifest.json").read_text())
+    train_ids = manifest["users_per_split"]["train"]
+    train_sets = [set(users[u].banned) for u in train_ids]
+    per_user = []
+    for uid, c in sorted(r.get("marks_by_user", {}).items()):
+        banned = set(users[uid].banned)
+        per_user.append({
+            "user": uid, "n_banned": len(banned), "nearest_jaccard": nearest_jaccard(banned, train_sets),
+            "set_trained": banned in train_sets, "banned_marked": c["banned_marked"], "banned": c["banned"],
+            "banned_mark_rate": c["banned_marked"] / c["banned"] if c["banned"] else float("nan"),
+            "allowed_mark_rate": c["allowed_marked"] / c["allowed"] if c["allowed"] else float("nan"),
+        })
+    cats = sorted({c for s in train_sets for c in s} | set(r.get("banned_mark_rate_by_category", {})))
+    per_category = {c: {"banned_mark_rate": r.get("banned_mark_rate_by_category", {}).get(c),
+                        "train_share_banning": float(np.mean([c in s for s in train_sets]))} for c in cats}
+    summary = {}
+    rows = [u for u in per_user if u["banned"]]
+    if rows:
+        x = np.array([u["nearest_jaccard"] for u in rows])
+        y = np.array([u["banned_mark_rate"] for u in rows])
+        w = np.array([u["banned"] for u in rows])
+        exact = np.array([u["set_trained"] for u in rows])
+
+        def pooled(sel) -> float | None:
+            return float((y[sel] * w[sel]).sum() / w[sel].sum()) if sel.any() else None
+
+        summary = {
+            "users": len(rows), "users_with_trained_set": int(exact.sum()),
+            "banned_mark_rate_trained_set": pooled(exact), "banned_mark_rate_novel_set": pooled(~exact),
+            "corr_nearest_jaccard_vs_rate": float(np.corrcoef(x, y)[0, 1]) if x.std() > 0 and y.std() > 0 else None,
+        }
+    return {"run": str(run), "train_users": len(train_ids), "distinct_train_sets": len({frozenset(s) for s in
+                                                                                          train_sets}),
+            "summary": summary, "per_user": per_user, "per_category": per_category,
+            "curves": training_curves(run)}
+
+
+def format_diagnosis(d: dict) -> str:
+    """Markdown of ``diagnose``'s output."""
+    s = d["summary"]
+    lines = [f"## {d['run']}", "",
+             f"{d['train_users']} training users, {d['distinct_train_sets']} distinct banned sets. "
+             + (f"Unseen users whose exact set was trained: {s['users_with_trained_set']} of {s['users']} "
+                f"(pooled banned-mark rate {_f(s['banned_mark_rate_trained_set'])}; novel sets "
+                f"{_f(s['banned_mark_rate_novel_set'])}); correlation of nearest Jaccard with the rate "
+                f"{_f(s['corr_nearest_jaccard_vs_rate'])}." if s else ""), "",
+             "| user | banned cats | nearest Jaccard | set trained | banned marked / banned | allowed mark rate |",
+             "|---|---|---|---|---|---|"]
+    for u in d["per_user"]:
+        trained = "yes" if u["set_trained"] else "no"
+        lines.append(f"| {u['user']} | {u['n_banned']} | {u['nearest_jaccard']:.2f} | {trained}"
+                     f" | {u['banned_marked']} / {u['banned']} | {_f(u['allowed_mark_rate'])} |")
+    lines += ["", "| category | banned-mark rate | share of training users banning it |", "|---|---|---|"]
+    for c, v in d["per_category"].items():
+        lines.append(f"| {c} | {_f(v['banned_mark_rate'])} | {v['train_share_banning']:.2f} |")
+    cur = d["curves"]
+    if cur.get("step"):
+        names = [k for k in ("dpo_loss", "implicit_acc", "sft_loss", "loss") if k in cur]
+        lines += ["", f"Training curves ({cur['source']}; mean over each window ending at the step):", "",
+                  "| step | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for i, step in enumerate(cur["step"]):
+            lines.append(f"| {step} | " + " | ".join(_f(cur[k][i], 4) for k in names) + " |")
+    return "\n".join(lines)
+
+
+def _f(v, digits: int = 3) -> str:
+    return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{digits}f}"
+
+
+__all__ = ["diagnose", "format_diagnosis", "jaccard", "nearest_jaccard", "training_curves"]
