@@ -26,7 +26,8 @@ MANIFEST_NAME = "manifest.jsonl"
 CONFIG_NAME = "resolved_config.yaml"
 # Settings recorded per image; a resumed image made with other values is reported.
 _SETTING_KEYS = ("prompt", "user", "seed", "method", "psa_scale", "psa_uncond", "guidance", "steps", "model",
-                 "adapter", "lora", "negative_prompt")
+                 "adapter", "lora", "negative_prompt", "sld_preset", "sld_concept", "unet_weights", "prompt_mode",
+                 "method_prompt", "method_negative_prompt")
 
 
 class InferError(Exception):
@@ -383,11 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
     usr.add_argument("--level", help="strictness preset L0 (bans nothing) .. L5 (bans all seven categories)")
     usr.add_argument("--profile", help="a user profile file, embedded with the adapter's encoder")
 
-    from psa_adapter.methods import method_names
+    from psa_adapter.methods import add_method_arguments, method_names
 
     parser.add_argument("--method", choices=method_names(), default=None,
                         help="generation method (default: psa when --psa_path is given, otherwise base); every method "
                              "gets the same prompts, seeds, steps, guidance and negative prompt")
+    add_method_arguments(parser)  # each method's own flags (psa_adapter.methods, psa_adapter.baselines)
 
     model = parser.add_argument_group("model")
     model.add_argument("--sd_model", default="runwayml/stable-diffusion-v1-5",
@@ -527,7 +529,7 @@ def run(args: argparse.Namespace) -> dict:
     rank, world = state.process_index, state.num_processes
     if renamed and state.is_main_process:
         print(f"note: {renamed} repeated file names got a _<k> suffix", file=sys.stderr)
-    if not method.needs_user and state.is_main_process and any(j.user for j in jobs):
+    if not (method.needs_user or method.uses_users) and state.is_main_process and any(j.user for j in jobs):
         print(f"note: --method {method.name} does not use users: they are recorded in the manifest only",
               file=sys.stderr)
 
@@ -541,7 +543,7 @@ def run(args: argparse.Namespace) -> dict:
             "file": job.file_name, "index": job.index, "prompt": job.prompt, "user": job.user,
             "seed": job_seed(job), **method_settings,
             "guidance": args.guidance, "steps": args.steps, "model": args.sd_model,
-            "negative_prompt": job.negative_prompt,
+            "negative_prompt": job.negative_prompt, **method.job_settings(job),
         }
 
     my_jobs = jobs[rank::world]
@@ -569,6 +571,7 @@ def run(args: argparse.Namespace) -> dict:
             method.prepare(pipe, jobs, users)
         except MethodError as err:
             raise InferError(str(err)) from err
+        method_settings.update(method.settings())  # what prepare resolved (e.g. which implementation runs)
 
         bar = tqdm(total=len(my_jobs), initial=len(my_jobs) - len(todo), unit="img", disable=not state.is_main_process,
                    desc=f"generating (process 0 of {world})" if world > 1 else "generating")
