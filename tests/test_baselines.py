@@ -86,8 +86,14 @@ def test_sld_presets_are_the_published_ones():
 
 @pytest.mark.parametrize("preset", ["weak", "medium", "strong", "max"])
 def test_our_guidance_equals_diffusers_safe_pipeline(preset):
-    from psa_adapter.baselines.sld import SLD_PRESETS, diffusers_safe_pipeline_class, generate_sld, safe_pipeline_from
-    from psa_adapter.pipeline import generate, make_generators
+    from psa_adapter.baselines.sld import (
+        SLD_PRESETS,
+        diffusers_safe_pipeline_class,
+        generate_sld,
+        generate_with_safe_pipeline,
+        safe_pipeline_from,
+    )
+    from psa_adapter.pipeline import generate
     from psa_adapter.testing import tiny_sd15_pipeline
 
     if diffusers_safe_pipeline_class() is None:
@@ -99,7 +105,7 @@ def test_our_guidance_equals_diffusers_safe_pipeline(preset):
     ours = generate_sld(pipe, prompts, seeds, p, concept, **common)
     safe = safe_pipeline_from(pipe)
     safe.safety_concept = concept
-    theirs = safe(prompt=prompts, generator=make_generators(seeds), **common, **p.diffusers_kwargs()).images
+    theirs = generate_with_safe_pipeline(safe, prompts, seeds, p, **common)
     base = generate(pipe, prompts, seeds, **common)
     assert np.abs(ours - theirs).max() < 1e-4
     assert np.abs(ours - base).max() > 100 * np.abs(ours - theirs).max()  # the guidance did something
@@ -122,6 +128,7 @@ def test_our_guidance_runs_on_sdxl_and_needs_cfg():
     assert np.array_equal(generate(pipe, ["a red cube"], [1], **common), base)
 
 
+@pytest.mark.slow
 def test_each_sld_preset_through_infer_py_differs_from_base(assets, tmp_path):
     steps = {"weak": 50, "medium": 12, "strong": 12, "max": 12}  # Weak acts only after its 15 warm-up steps
     base = {n: _infer(assets, tmp_path / f"base{n}", steps=n) for n in set(steps.values())}
@@ -210,6 +217,7 @@ def test_safetydpo_saves_reloads_with_diffusers_and_changes_the_output(assets, s
     assert entry["method"] == "safetydpo" and entry["lora"] == str(safetydpo["out"])
 
 
+@pytest.mark.slow
 def test_a_lora_for_another_base_model_is_a_clear_error(assets, tmp_path, capsys):
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict

@@ -96,6 +96,22 @@ def safe_pipeline_from(pipe):
     return safe
 
 
+@torch.no_grad()
+def generate_with_safe_pipeline(safe, prompts: Sequence[str], seeds: Sequence[int], preset: SLDPreset, *,
+                                negative_prompt: str | None = None, **common):
+    """Images from diffusers' ``StableDiffusionPipelineSafe`` (``safe_pipeline_from``) with our per-image seeds."""
+    import warnings
+
+    from psa_adapter.pipeline import make_generators
+
+    prompts = list(prompts)
+    negative = None if negative_prompt is None else [negative_prompt] * len(prompts)  # it wants prompt's type
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its deprecation notices (decode_latents, ...)
+        return safe(prompt=prompts, negative_prompt=negative, generator=make_generators(seeds), **common,
+                    **preset.diffusers_kwargs()).images
+
+
 class SafetyGuidance:
     """SLD as a forward hook on a stock pipeline's UNet (see the module docstring). One instance per pipeline call:
     it counts the denoising steps and carries the momentum."""
@@ -233,11 +249,7 @@ class SLD(Method):
         prompts = [job.prompt for job in batch]
         if self.impl == "ours":
             return generate_sld(pipe, prompts, seeds, self.preset, self.concept, **common)
-        from psa_adapter.pipeline import make_generators
-
-        result = self.safe(prompt=prompts, generator=make_generators(seeds), **common,
-                           **self.preset.diffusers_kwargs())
-        return result.images
+        return generate_with_safe_pipeline(self.safe, prompts, seeds, self.preset, **common)
 
     def settings(self) -> dict:
         return {"method": self.name, "sld_preset": self.preset_name, "sld_concept": self.concept,
@@ -245,4 +257,5 @@ class SLD(Method):
 
 
 __all__ = ["DEFAULT_CONCEPT", "DEFAULT_PRESET", "SLD", "SLD_PRESETS", "SLDPreset", "SafetyGuidance",
-           "diffusers_safe_pipeline_class", "generate_sld", "get_preset", "safe_pipeline_from"]
+           "diffusers_safe_pipeline_class", "generate_sld", "generate_with_safe_pipeline", "get_preset",
+           "safe_pipeline_from"]
