@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local
 
 
 def main(argv: list[str] | None = None) -> int:
-    from psa_adapter.toyworld.demo import DemoError, DemoSettings, run_demo
+    from psa_adapter.toyworld.demo import METHODS, DemoError, DemoSettings, run_demo
 
     parser = argparse.ArgumentParser(prog="python -m psa_adapter.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--encoder", choices=("sentence", "banned"), default="sentence",
                         help="PSA's user encoder: sentence (MiniLM statements, default) or banned (a diagnostic "
                              "multi-hot oracle of the banned list, not the paper's encoder)")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated rows to run (default all): " + ",".join(METHODS))
     args = parser.parse_args(argv)
     settings = DemoSettings.quick(args.out, args.seed) if args.quick else DemoSettings(out=args.out, seed=args.seed)
     settings.psa_scale = args.psa_scale
@@ -55,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.reuse is not None:
         settings.reuse = args.reuse.resolve()
         settings.methods = ("psa",)
+    if args.methods:
+        methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            parser.error(f"--methods: unknown {', '.join(unknown)}; known: {', '.join(METHODS)}")
+        settings.methods = tuple(m for m in METHODS if m in methods)
     try:
         run_demo(settings)
     except (DemoError, FileNotFoundError) as err:
