@@ -394,3 +394,40 @@ def test_safetydpo_launchers_train_a_non_personalised_lora(tmp_path, kind):
                          env=env, capture_output=True, text=True, check=True).stdout.split()
     assert out[:4] == ["launch", str(REPO / "train.py"), "--config", str(REPO / "configs" / f"{kind}.yaml")]
     assert out[4:] == ["--mode", "non_personalised", "--output_dir", f"outputs/safetydpo_{kind}", "--seed", "7"]
+
+
+# ----------------------------------------------------------------------------------------------------- toy world
+def test_toy_rows_use_the_methods_with_the_toy_words():
+    from psa_adapter.baselines.prompt import concept_text
+    from psa_adapter.toyworld.demo import (
+        LABELS,
+        METHODS,
+        NON_PERSONALISED,
+        PROMPT_ROWS,
+        SLD_ROWS,
+        negative_prompt_for,
+        sld_concept,
+    )
+    from psa_adapter.toyworld.world import ToyWorld, WorldConfig
+    from psa_adapter.users import load_level
+
+    world = ToyWorld(WorldConfig())
+    words = {c: world.concepts(c) for c in world.categories}
+    for level in ("L0", "L1", "L3", "L5"):  # --method prompt gives the toy's former per-row negative prompts
+        banned = load_level(level).banned
+        assert concept_text(banned, words, " ") == negative_prompt_for(banned, world)
+    assert sld_concept(world).split() == [world.concepts(c)[0] for c in world.categories]
+    assert [m.removeprefix("sld_") for m in SLD_ROWS] == ["weak", "medium", "strong", "max"]
+    assert set(SLD_ROWS) <= set(NON_PERSONALISED) and PROMPT_ROWS == {"prompt": "negative",
+                                                                     "prompt_instruction": "instruction"}
+    assert set(METHODS) <= set(LABELS) and LABELS["sld_medium"] == "SLD Medium"
+
+
+def test_toy_table_has_the_new_rows_and_says_esd_uce_were_not_run():
+    from psa_adapter.toyworld.demo import LABELS, METHODS, NOT_RUN, format_table
+
+    figures = {"pass_rate_seen": 0.5, "ip": 0.25}
+    table = format_table({m: dict(figures) for m in METHODS})
+    for method in METHODS:
+        assert f"| {LABELS[method]} | 0.500 |" in table
+    assert NOT_RUN in table and "ESD-u, UCE: not run" in table
