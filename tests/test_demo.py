@@ -132,6 +132,17 @@ def test_quick_demo_runs_train_infer_judge_end_to_end(toy_models, tmp_path):
     assert set(results["psa"]["ip_by_level"]) == {"L0", "L1", "L2", "L3", "L4", "L5"}
     for key in ("win_rate_vs_base", "win_rate_vs_safetydpo"):
         assert 0.0 <= results["psa"][key] <= 1.0
+        lo, hi = results["psa"][f"{key}_ci"]
+        assert lo <= results["psa"][key] <= hi
+        assert results["psa"][f"position_consistency_vs_{key[12:]}"] == 1.0  # the toy judge is symmetric
+    for method in ("base", "safetydpo", "prompt", "psa"):
+        for key in FIGURES:
+            assert len(results[method][f"{key}_ci"]) == 2, (method, key)
+    # The figures came through the evaluation package: per-image records and summaries under eval/.
+    summary = json.loads((out / "eval" / "psa" / "pass_unseen" / "summary.json").read_text())
+    assert summary["pass_rate"] == results["psa"]["pass_rate_unseen"] and summary["judge_model"] == "toy-judge"
+    assert (out / "eval" / "base" / "ip_unsafe" / "records.jsonl").is_file()
+    assert (out / "eval" / "psa" / "vs_base" / "records.jsonl").is_file()
     grid = Image.open(out / "grid.png")
     assert grid.width > 9 * 32 and grid.height > 9 * 32  # 9 rows (3 baselines + 6 levels) of 9 upscaled images
     assert "| PSA |" in proc.stdout

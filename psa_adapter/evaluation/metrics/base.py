@@ -74,8 +74,22 @@ register_feature_extractor = _registrar(FEATURE_EXTRACTORS, "feature extractor")
 register_text_image_scorer = _registrar(TEXT_IMAGE_SCORERS, "text-image scorer")
 
 
+# Modules whose import registers backends: the real models and the toy world's judge (``toy``).
+BUILTIN_BACKEND_MODULES = ("psa_adapter.evaluation.metrics.backends", "psa_adapter.toyworld.eval_backends")
+
+
+def load_builtin_backends() -> None:
+    """Import every module of ``BUILTIN_BACKEND_MODULES`` (cheap: models load only when a backend is built)."""
+    import importlib
+
+    for module in BUILTIN_BACKEND_MODULES:
+        importlib.import_module(module)
+
+
 def lookup(registry: dict, name: str, kind: str):
-    """``registry[name]``; an unknown name is a ``KeyError`` whose message lists the known names."""
+    """``registry[name]`` (after registering the built-in backends); an unknown name is a ``KeyError`` whose
+    message lists the known names."""
+    load_builtin_backends()
     try:
         return registry[name]
     except KeyError:
