@@ -529,7 +529,7 @@ def run(args: argparse.Namespace) -> dict:
     rank, world = state.process_index, state.num_processes
     if renamed and state.is_main_process:
         print(f"note: {renamed} repeated file names got a _<k> suffix", file=sys.stderr)
-    if not (method.needs_user or method.uses_users) and state.is_main_process and any(j.user for j in jobs):
+    if not (method.needs_user or method.uses_user) and state.is_main_process and any(j.user for j in jobs):
         print(f"note: --method {method.name} does not use users: they are recorded in the manifest only",
               file=sys.stderr)
 

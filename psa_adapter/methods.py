@@ -67,9 +67,16 @@ class Method:
 
     name: ClassVar[str]
     needs_user: ClassVar[bool] = False  # every prompt must carry a user embedding (an id, level or profile)
-    uses_users: ClassVar[bool] = False  # the method reads the users by itself (e.g. their banned lists)
+    # The method reads each prompt's user (needs_user implies it; the prompt baseline reads banned lists): the
+    # evaluation driver runs such a method per level and per user.
+    uses_user: ClassVar[bool] = False
     # This method's own flags (argparse dests, default None); given to another method they are an error.
     flags: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.needs_user:
+            cls.uses_user = True
 
     def __init__(self, args: argparse.Namespace):
         self.args = args

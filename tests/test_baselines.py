@@ -431,3 +431,59 @@ def test_toy_table_has_the_new_rows_and_says_esd_uce_were_not_run():
     for method in METHODS:
         assert f"| {LABELS[method]} | 0.500 |" in table
     assert NOT_RUN in table and "ESD-u, UCE: not run" in table
+
+
+# ------------------------------------------------------------------------------------------- evaluation driver
+@pytest.mark.slow
+def test_the_evaluation_driver_generates_and_scores_every_baseline_by_name(tmp_path, monkeypatch):
+    import csv
+
+    import yaml
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from psa_adapter.evaluation.cli import main as eval_main
+    from psa_adapter.evaluation.tiny import write_tiny_eval_workspace
+    from psa_adapter.testing import tiny_sd15_pipeline
+
+    monkeypatch.chdir(tmp_path)
+    ws = write_tiny_eval_workspace(tmp_path / "outputs" / "eval_tiny")
+    pipe = tiny_sd15_pipeline()  # the same seed-0 weights as the workspace's model
+    torch.manual_seed(1)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_v"]))
+    pipe.save_lora_weights(str(tmp_path / "lora"), unet_lora_layers=get_peft_model_state_dict(pipe.unet))
+    state = UNet2DConditionModel.from_pretrained(ws / "sd15", subfolder="unet").state_dict()
+    key = next(k for k in state if k.endswith("attn2.to_v.weight"))
+    state[key] = state[key] * 3
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "erased.safetensors")
+    data = yaml.safe_load((REPO / "configs" / "eval_tiny.yaml").read_text())
+    users_csv = str(ws / "users.csv")
+    data["methods"] = {
+        "base": {}, "safetydpo": {"lora_path": "lora"}, "sld_max": {"method": "sld", "sld_preset": "max"},
+        "esd": {"unet_weights": "erased.safetensors"}, "uce": {"unet_weights": "erased.safetensors"},
+        "prompt_negative": {"method": "prompt", "prompt_mode": "negative", "users_csv": users_csv},
+        "prompt_instruction": {"method": "prompt", "prompt_mode": "instruction", "users_csv": users_csv},
+    }
+    data["sets"]["tiny6"].update(levels=["user", "L5"], metrics=["inpro", "pass_rate"])
+    data["judge"]["compare"] = []
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(data))
+    assert eval_main(["run", "--config", "eval.yaml"]) == 0
+    out = tmp_path / "outputs" / "eval_tiny" / "run"
+    rows = list(csv.DictReader((out / "tables" / "summary.csv").open()))
+    cells = {(r["method"], r["level"], r["metric"]): r for r in rows}
+    levels = {"prompt_negative": ["user", "L5"], "prompt_instruction": ["user", "L5"]}
+    for method in data["methods"]:
+        for level in levels.get(method, ["none"]):
+            for metric in ("inpro", "pass_rate"):
+                r = cells[(method, level, metric)]
+                assert (r["n"], r["missing"]) == ("6", "0"), r
+    images = out / "images" / "tiny6" / "sd15"
+    base = _pixels(images / "base" / "none" / "tiny_00.png")
+    for folder in ("safetydpo/none", "sld_max/none", "esd/none", "uce/none", "prompt_negative/L5",
+                   "prompt_instruction/L5"):
+        assert np.abs(_pixels(images / folder / "tiny_00.png") - base).max() > 0, folder
+        entry = _manifest(images / folder)[0]
+        assert entry["method"] == folder.split("/")[0].removesuffix("_max").split("_")[0], entry
+    assert _manifest(images / "sld_max" / "none")[0]["sld_preset"] == "max"

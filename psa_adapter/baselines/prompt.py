@@ -128,7 +128,7 @@ class PromptSafety(Method):
     """The user's banned concepts as a negative prompt or as an instruction appended to the prompt."""
 
     name = "prompt"
-    uses_users = True
+    uses_user = True
     flags = ("prompt_mode", "users_csv", "prompt_concepts", "prompt_instruction", "prompt_join")
 
     @classmethod
