@@ -22,11 +22,13 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from psa_adapter.methods import Method, MethodError, register
 from psa_adapter.users.categories import CATEGORIES
+
+if TYPE_CHECKING:  # torch is imported when a pipeline runs, so that infer.py checks its input first, quickly
+    import torch
 
 
 @dataclass(frozen=True)
@@ -96,17 +98,18 @@ def safe_pipeline_from(pipe):
     return safe
 
 
-@torch.no_grad()
 def generate_with_safe_pipeline(safe, prompts: Sequence[str], seeds: Sequence[int], preset: SLDPreset, *,
                                 negative_prompt: str | None = None, **common):
     """Images from diffusers' ``StableDiffusionPipelineSafe`` (``safe_pipeline_from``) with our per-image seeds."""
     import warnings
 
+    import torch
+
     from psa_adapter.pipeline import make_generators
 
     prompts = list(prompts)
     negative = None if negative_prompt is None else [negative_prompt] * len(prompts)  # it wants prompt's type
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # its deprecation notices (decode_latents, ...)
         return safe(prompt=prompts, negative_prompt=negative, generator=make_generators(seeds), **common,
                     **preset.diffusers_kwargs()).images
@@ -126,6 +129,8 @@ class SafetyGuidance:
 
     def safety_term(self, uncond: torch.Tensor, text: torch.Tensor, concept: torch.Tensor) -> torch.Tensor:
         """g_S of this step (updates the momentum); the guided prediction subtracts it from the text branch."""
+        import torch
+
         p = self.preset
         if self.momentum is None:
             self.momentum = torch.zeros_like(text)
@@ -136,6 +141,8 @@ class SafetyGuidance:
         return term
 
     def __call__(self, module, args, kwargs, output):
+        import torch
+
         if self._inside:
             return None
         sample = args[0] if args else kwargs["sample"]
@@ -171,7 +178,6 @@ class SafetyGuidance:
         return output
 
 
-@torch.no_grad()
 def generate_sld(pipe, prompts: Sequence[str], seeds: Sequence[int], preset: SLDPreset, concept: str, *,
                  negative_prompt: str | None = None, guidance_scale: float = 7.5, num_inference_steps: int = 50,
                  height: int | None = None, width: int | None = None, output_type: str = "pil", **pipe_kwargs):

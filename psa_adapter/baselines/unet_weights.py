@@ -15,17 +15,17 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from psa_adapter.methods import Method, MethodError, register
 
 _LEGACY = (".bin", ".pt", ".pth", ".ckpt")
 _SHOWN = 5  # keys named per kind of problem
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path) -> dict:
     """A flat name -> tensor dict from ``.safetensors`` or a legacy torch file (``weights_only=True``); a legacy file
     may nest it under ``state_dict``, ``unet`` or ``model``."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise MethodError(f"--unet_weights file not found: {path}")
