@@ -12,12 +12,13 @@ from psa_adapter.adapter import AdapterMismatchError
 from psa_adapter.config import ConfigError, parse_train_args
 from psa_adapter.data import MissingEmbeddingError, SageFormatError
 from psa_adapter.pipeline import ModelLoadError
-from psa_adapter.training import NonFiniteLossError, ResumeMismatchError, train
+from psa_adapter.training import CheckpointError, NonFiniteLossError, ResumeMismatchError, train
 from psa_adapter.users import EmbeddingDimensionError, EmbeddingStoreError
 
 # Bad input and a diverging run end with one clear message, not a traceback.
-USER_ERRORS = (AdapterMismatchError, ConfigError, EmbeddingDimensionError, EmbeddingStoreError, FileNotFoundError,
-               MissingEmbeddingError, ModelLoadError, NonFiniteLossError, ResumeMismatchError, SageFormatError)
+USER_ERRORS = (AdapterMismatchError, CheckpointError, ConfigError, EmbeddingDimensionError, EmbeddingStoreError,
+               FileNotFoundError, MissingEmbeddingError, ModelLoadError, NonFiniteLossError, ResumeMismatchError,
+               SageFormatError)
 
 
 def main(argv=None) -> int:

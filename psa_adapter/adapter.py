@@ -22,7 +22,7 @@ from torch import nn
 from psa_adapter.attention import PSAAttnProcessor
 from psa_adapter.errors import AdapterMismatchError
 from psa_adapter.reference import reference_adapter_state
-from psa_adapter.utils import atomic_write
+from psa_adapter.utils import atomic_write, read_utf8
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -85,8 +85,8 @@ class PSAAdapterConfig:
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> PSAAdapterConfig:
         try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as err:
+            data = json.loads(read_utf8(path))
+        except (OSError, ValueError) as err:  # unreadable, not UTF-8, not JSON
             raise AdapterMismatchError(f"cannot read adapter config {path}: {err}") from err
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(data) - known
@@ -94,7 +94,7 @@ class PSAAdapterConfig:
             raise AdapterMismatchError(f"{path}: unknown adapter config keys {sorted(unknown)}")
         try:
             return cls(**data)
-        except TypeError as err:
+        except (TypeError, ValueError) as err:  # a missing field, a value of the wrong type or range
             raise AdapterMismatchError(f"{path}: {err}") from err
 
 
@@ -379,7 +379,12 @@ class PSAAdapter(nn.Module):
                 raise FileNotFoundError(f"adapter folder {path} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
             from safetensors.torch import load_file
 
-            adapter.load_adapter_state_dict(load_file(str(weights)), source=str(weights))
+            try:
+                state = load_file(str(weights))
+            except Exception as err:  # noqa: BLE001 - safetensors raises its own type; one message naming the file
+                raise AdapterMismatchError(f"{weights}: not a readable safetensors file (truncated or damaged? "
+                                           f"{err})") from None
+            adapter.load_adapter_state_dict(state, source=str(weights))
             if unet is not None:
                 adapter.check_unet(unet)
             return adapter

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from psa_adapter.utils import atomic_write_text
+from psa_adapter.utils import NotUTF8Error, atomic_write_text, read_utf8
 
 MODES = ("personalised", "non_personalised")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -229,7 +229,9 @@ def load_yaml_config(path: str | Path) -> dict:
     """Read a YAML mapping of TrainConfig fields; unknown keys are an error naming the file and key."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(read_utf8(path)) or {}
+    except NotUTF8Error as err:
+        raise ConfigError(f"cannot read config {err}") from None
     except (OSError, yaml.YAMLError) as err:
         raise ConfigError(f"cannot read config {path}: {err}") from err
     if not isinstance(data, dict):

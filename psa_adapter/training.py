@@ -317,18 +317,111 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+class CheckpointError(ValueError):
+    """A checkpoint folder that is incomplete, corrupt or holds more than plain tensors and numbers."""
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_files(checkpoint: Path) -> dict[str, dict]:
+    """``{relative path: {"bytes", "sha256"}}`` of every file in a checkpoint folder but its state record."""
+    return {p.relative_to(checkpoint).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(checkpoint.rglob("*")) if p.is_file() and p.name != STATE_NAME}
+
+
+def verify_checkpoint(checkpoint: Path) -> dict:
+    """The checkpoint's ``training_state.json`` once the folder is known to be whole and safe to load.
+
+    Raises CheckpointError naming the checkpoint and the file: a missing or unreadable state record, a file missing,
+    truncated or changed since it was written (sizes and SHA-256 are recorded at save time), a safetensors file that
+    does not parse, or a pickle file (optimizer, scheduler, RNG states) that holds anything but tensors, numbers and
+    arrays. accelerate unpickles some of these with ``weights_only=False``; each is first opened here with
+    ``weights_only=True``, so a planted callable is refused before anything could run it.
+    """
+    state_path = checkpoint / STATE_NAME
+    try:
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{checkpoint}: no {STATE_NAME} (an incomplete checkpoint)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{state_path}: unreadable ({err})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        raise CheckpointError(f"{state_path}: no integer global_step")
+    recorded = state.get("files")
+    if recorded is not None:  # older checkpoints have no record: only the content checks below apply
+        for rel, info in sorted(recorded.items()):
+            path = checkpoint / rel
+            if not path.is_file():
+                raise CheckpointError(f"{checkpoint}: {rel} is missing")
+            size = path.stat().st_size
+            if size != info.get("bytes"):
+                raise CheckpointError(f"{checkpoint}: {rel} has {size} bytes, {info.get('bytes')} were written "
+                                      "(truncated or replaced)")
+            if _sha256(path) != info.get("sha256"):
+                raise CheckpointError(f"{checkpoint}: {rel} changed since it was written (SHA-256 differs)")
+    for path in sorted(checkpoint.rglob("*")):
+        rel = path.relative_to(checkpoint).as_posix()
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(path), framework="pt") as f:
+                    for key in f.keys():
+                        f.get_slice(key)
+            elif path.suffix in (".bin", ".pkl", ".pt", ".pth"):
+                try:
+                    _load_weights_only(path)
+                except Exception as err:  # noqa: BLE001 - torch raises many types; one line naming the file
+                    from psa_adapter.reference import describe_load_error
+
+                    raise CheckpointError(f"{checkpoint}: {rel} cannot be read safely: "
+                                          f"{describe_load_error(err)}") from None
+        except CheckpointError:
+            raise
+        except Exception as err:  # noqa: BLE001 - any failure to parse means the file is not usable
+            raise CheckpointError(f"{checkpoint}: {rel} cannot be read safely ({type(err).__name__}: "
+                                  f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    return state
+
+
+def _load_weights_only(path: Path) -> None:
+    """Open a torch pickle allowing tensors, numbers, strings, containers and numpy arrays only."""
+    try:
+        from accelerate.utils.other import TORCH_SAFE_GLOBALS  # numpy arrays of the RNG states
+    except ImportError:
+        TORCH_SAFE_GLOBALS = []
+    with torch.serialization.safe_globals(TORCH_SAFE_GLOBALS):
+        torch.load(path, map_location="cpu", weights_only=True)
+
+
 def resolve_resume(output_dir: Path, value: str | None) -> Path | None:
-    """``latest`` -> the newest checkpoint (None if there is none); a path -> that checkpoint (must exist)."""
+    """``latest`` -> the newest checkpoint that is whole (``verify_checkpoint``; broken ones are skipped with a
+    warning naming them; None if there is none); a path -> that checkpoint (CheckpointError if it is broken)."""
     if not value:
         return None
     if value == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        return checkpoints[-1] if checkpoints else None
+        for checkpoint in reversed(list_checkpoints(output_dir)):
+            try:
+                verify_checkpoint(checkpoint)
+            except CheckpointError as err:
+                logger.warning("skipping a broken checkpoint: %s", err)
+                continue
+            return checkpoint
+        return None
     path = Path(value)
     if not path.is_absolute() and not path.exists():
         path = output_dir / value
     if not (path / STATE_NAME).is_file():
         raise FileNotFoundError(f"--resume_from_checkpoint {value}: {path} is not a checkpoint (no {STATE_NAME})")
+    verify_checkpoint(path)
     return path
 
 
@@ -529,7 +622,7 @@ def resume_run(run: TrainRun) -> None:
         if config.resume_from_checkpoint:
             accelerator.print(f"no checkpoint in {run.output_dir}; starting a new run")
         return
-    state = json.loads((resume / STATE_NAME).read_text())
+    state = json.loads((resume / STATE_NAME).read_text(encoding="utf-8"))  # verified by resolve_resume
     check_resume_identity(resume, state.get("run"), run.identity)
     accelerator.print(f"resuming from {resume} (step {state['global_step']})")
     accelerator.load_state(str(resume))
@@ -541,15 +634,18 @@ def save_checkpoint(run: TrainRun, step: int) -> Path:
     config, accelerator, output_dir = run.config, run.accelerator, run.output_dir
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".tmp-checkpoint-{step}"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
+    if accelerator.is_main_process:
+        remove_leftovers(output_dir)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state = {"global_step": step, "sd_model": config.sd_model, "mode": config.mode, "run": run.identity}
-        atomic_write_text(tmp / STATE_NAME, json.dumps(state, indent=2) + "\n")
         config.save_yaml(tmp / CONFIG_NAME)
+        # The state record is written last and lists every file with its size and hash: verify_checkpoint then
+        # tells a whole checkpoint from a truncated or damaged one.
+        state = {"global_step": step, "sd_model": config.sd_model, "mode": config.mode, "run": run.identity,
+                 "files": checkpoint_files(tmp)}
+        atomic_write_text(tmp / STATE_NAME, json.dumps(state, indent=2) + "\n")
         old = output_dir / f".old-checkpoint-{step}"
         if final.exists():  # a checkpoint of an earlier run at this step: replace it only once ours is whole
             os.replace(final, old)
@@ -558,9 +654,24 @@ def save_checkpoint(run: TrainRun, step: int) -> Path:
             shutil.rmtree(old)
         if config.checkpoints_total_limit:
             for stale in list_checkpoints(output_dir)[:-config.checkpoints_total_limit]:
-                shutil.rmtree(stale)
+                # Renamed first, so a kill while deleting never leaves a half-deleted checkpoint-<n> behind.
+                doomed = output_dir / f".old-{stale.name}"
+                if doomed.exists():
+                    shutil.rmtree(doomed)
+                os.replace(stale, doomed)
+                shutil.rmtree(doomed)
     accelerator.wait_for_everyone()
     return final
+
+
+def remove_leftovers(output_dir: Path) -> None:
+    """Delete what a run killed while writing leaves behind: half-built ``.tmp-checkpoint-*`` folders, half-deleted
+    ``.old-checkpoint-*`` ones and temporary files of atomic writes. Never touches a ``checkpoint-<n>`` folder."""
+    for leftover in [*output_dir.glob(".tmp-checkpoint-*"), *output_dir.glob(".old-checkpoint-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in output_dir.glob(".*.tmp"):
+        if leftover.is_file():
+            leftover.unlink()
 
 
 def train_loop(run: TrainRun) -> bool:
@@ -671,6 +782,7 @@ def finish_run(run: TrainRun) -> Path:
     if accelerator.is_main_process:
         run.branch.save_weights(run.output_dir)
         run.config.save_yaml(run.output_dir / CONFIG_NAME)
+        remove_leftovers(run.output_dir)
         accelerator.print(f"saved the trained weights and {CONFIG_NAME} to {run.output_dir}")
     accelerator.end_training()
     return run.output_dir
@@ -760,8 +872,10 @@ __all__ = [
     "ResumeMismatchError",
     "TrainRun",
     "TrainableBranch",
+    "CheckpointError",
     "build_branch",
     "check_resume_identity",
+    "verify_checkpoint",
     "diffusion_inputs",
     "finish_run",
     "list_checkpoints",

@@ -36,6 +36,30 @@ def atomic_write_text(target: str | os.PathLike, text: str) -> None:
     atomic_write(target, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
+class NotUTF8Error(ValueError):
+    """A text file with bytes that are not UTF-8; the message names the file, the line and the byte."""
+
+
+def not_utf8_message(path, data: bytes, err: UnicodeDecodeError) -> str:
+    """``"<path> line N: not UTF-8 text (byte 0xE9 at column C) ..."`` for ``err`` raised decoding ``data``."""
+    line = data.count(b"\n", 0, err.start) + 1
+    column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+    return (f"{path} line {line}: not UTF-8 text (byte 0x{data[err.start]:02X} at column {column}); "
+            "save the file as UTF-8")
+
+
+def read_utf8(path: str | os.PathLike, *, bom: bool = False, translate_newlines: bool = True) -> str:
+    """The text of a UTF-8 file, as ``Path.read_text`` gives it (``\r\n`` and ``\r`` become ``\n`` unless
+    ``translate_newlines`` is False; ``bom``: a leading byte-order mark is dropped); NotUTF8Error naming the file
+    and the line otherwise. OSError (e.g. FileNotFoundError) passes through."""
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8-sig" if bom else "utf-8")
+    except UnicodeDecodeError as err:
+        raise NotUTF8Error(not_utf8_message(path, data, err)) from None
+    return text.replace("\r\n", "\n").replace("\r", "\n") if translate_newlines else text
+
+
 def image_grid(images: Sequence, cols: int, *, border: int = 0, scale: int = 1, background="white"):
     """Tile equal-size images row by row, ``cols`` per row (the last row may be short), into one PIL RGB image.
 

@@ -277,8 +277,23 @@ def test_the_whole_driver_on_a_tiny_model(tiny_ws, extra_method, monkeypatch, ca
             if (r["method"], r["level"]) == ("psa_half", "L5")]
     assert rows and all((r["n"], r["missing"], r["total"]) == ("5", "1", "6") for r in rows), rows
     assert "; 1 missing" in (tables / "tables.md").read_text()
+    rows_all = list(csv.DictReader((tables / "summary.csv").open()))
     reports = gen_mod.generate(cfg, log=lambda *a: None)
     assert sum(r.generated for r in reports) == 1 and gone.is_file()
+
+    # A corrupt image stops the metrics with one message naming the cell and the file; nothing computed is lost.
+    corrupt = out / "images/tiny6/sd15/base/none/tiny_04.png"
+    good = corrupt.read_bytes()
+    corrupt.write_bytes(b"not a png")
+    shutil.rmtree(out / "metrics/tiny6/sd15/base/none")
+    capsys.readouterr()
+    assert main(["run", "--config", "eval.yaml", "--stages", "metrics,tables", "--methods", "base"]) == 1
+    err = capsys.readouterr().err
+    assert "tiny6/base/sd15/none inpro:" in err and "tiny_04.png" in err and "Traceback" not in err
+    assert (out / "metrics/tiny6/sd15/psa/user/inpro/summary.json").is_file()  # other cells' results stay
+    assert len(list(csv.DictReader((tables / "summary.csv").open()))) == len(rows_all)
+    corrupt.write_bytes(good)
+    assert main(["run", "--config", "eval.yaml", "--stages", "metrics,tables", "--methods", "base"]) == 0
 
 
 def test_unknown_names_are_one_clear_error_from_every_command(tiny_ws, monkeypatch, capsys):

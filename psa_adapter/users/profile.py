@@ -13,6 +13,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from psa_adapter.utils import read_utf8
+
 from ._io import atomic_write_text
 from .categories import CATEGORIES, normalize_category_list
 
@@ -237,7 +239,7 @@ def open_users_csv(
     path = Path(path)
     try:
         # utf-8-sig: spreadsheet exports often start with a byte-order mark, which would hide the first column.
-        text = path.read_text(encoding="utf-8-sig")
+        text = read_utf8(path, bom=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"users file not found: {path}") from None
     reader = csv.DictReader(io.StringIO(text, newline=""))
@@ -344,7 +346,7 @@ def write_users_csv(profiles, path: str | os.PathLike) -> Path:
 
 def _read_mapping(path: Path):
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_utf8(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"profile file not found: {path}") from None
     suffix = path.suffix.lower()

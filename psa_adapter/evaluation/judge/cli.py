@@ -33,6 +33,7 @@ from psa_adapter.evaluation.judge.runner import (
     summarize_reference,
 )
 from psa_adapter.evaluation.records import read_jsonl, write_summary
+from psa_adapter.utils import read_utf8
 
 PROG = "python -m evaluation.judge"
 CACHE_NAME = "judge_cache.jsonl"
@@ -114,7 +115,7 @@ def _run(args) -> int:
     if args.command == "summarize":
         path = Path(args.records)
         try:
-            text = path.read_text(encoding="utf-8")
+            text = read_utf8(path)
         except FileNotFoundError:
             raise FileNotFoundError(f"records file not found: {path}") from None
         if text.lstrip().startswith("["):

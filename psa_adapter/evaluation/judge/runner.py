@@ -37,6 +37,7 @@ from psa_adapter.evaluation.judge.base import Judge, JudgeError, JudgeItem, Judg
 from psa_adapter.evaluation.judge.schema import check_preference, validate_evaluation
 from psa_adapter.evaluation.records import JsonlAppender, read_jsonl, write_summary
 from psa_adapter.evaluation.stats import mean_with_ci, paired_win_ci
+from psa_adapter.utils import read_utf8
 
 RECORDS_NAME = "records.jsonl"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -83,7 +84,7 @@ def read_prompts_csv(path: str | os.PathLike) -> dict[str, dict]:
 
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        text = read_utf8(path, bom=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"prompts file not found: {path}") from None
     reader = csv.DictReader(io.StringIO(text, newline=""))  # quoted captions may hold line breaks

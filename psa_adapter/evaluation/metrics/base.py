@@ -12,6 +12,9 @@ into the same code paths, so the demo exercises the real evaluation code end to 
 
 Backends are classes constructed with keyword options (paths, devices) and registered with the decorators
 below; the metric code looks them up by name and raises an error listing the known names for an unknown one.
+A backend may set ``cache_key`` (a string naming what its results depend on: model, weights, thresholds);
+``compute`` recomputes records and cached reference statistics made under another key (without one, the class
+and ``name`` serve as the key).
 """
 
 from __future__ import annotations

@@ -1,0 +1,47 @@
+"""Every case of the bad-input corpus (corpus.py): a non-zero exit, one message that names the file and the line,
+key or user, no raw traceback, and nothing already in the output folder lost or changed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from corpus import CASES, Ctx, run_case, snapshot
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_and_one_thread():
+    from accelerate.state import AcceleratorState, GradientState
+
+    def reset():  # train.py builds an Accelerator per run; its singletons must not leak between cases
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    reset()
+    yield
+    torch.set_num_threads(threads)
+    reset()
+
+
+def test_the_corpus_is_large_and_covers_every_input_family():
+    kinds = {c.kind for c in CASES}
+    assert len(CASES) >= 30
+    assert {"SAGE metadata.jsonl", "users CSV", "profile file", "prompt CSV", ".npy folder", "embedding store",
+            "adapter folder", "reference .bin", "LoRA weights", "UNet weights", "YAML config", "flags"} <= kinds
+
+
+@pytest.mark.parametrize("item", CASES, ids=[f"{c.kind}: {c.name}" for c in CASES])
+def test_bad_input_gives_one_clear_message(workspace, tmp_path, item):
+    ctx = Ctx(workspace, tmp_path)
+    cli, argv, fragments = item.build(ctx)
+    before = snapshot(ctx.out)
+    outcome = run_case(cli, argv)
+    assert outcome.raised is None, f"raw traceback: {outcome.raised}\n{outcome.stderr[-3000:]}"
+    assert "Traceback" not in outcome.stderr + outcome.stdout
+    assert outcome.code not in (0, None), f"exit {outcome.code}: it proceeded\n{outcome.stderr[-2000:]}"
+    lines = (outcome.stderr + outcome.stdout).splitlines()
+    naming = [ln for ln in lines if all(f in ln for f in map(str, fragments))]
+    assert naming, f"no line names {fragments}; printed:\n" + "\n".join(lines[-8:])
+    after = snapshot(ctx.out)
+    assert {k: after.get(k) for k in before} == before, "a file written before the run was lost or changed"
