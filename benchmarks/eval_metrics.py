@@ -7,12 +7,16 @@ randomly initialised CLIP of ViT-L/14's size (224 x 224, 24 layers; no weights n
 Q16 that costs.
 
 "alone" times the backend's call on decoded images; "path" times ``compute.inpro`` / ``compute.fid`` /
-``compute.clip_score`` over a folder of JPEGs into a fresh output folder (decoding, per-image records with fsync,
-the summary with its bootstrap interval; FID with cached reference statistics, no interval, but one Frechet
-distance of 2048-d statistics, which is also timed on its own, as is the interval). The ratio path/alone shows
-what the bookkeeping costs.
+``compute.clip_score`` over a folder of JPEGs into a fresh output folder: decoding, per-image records with fsync
+(whose disk waits are not CPU time), the summary with its bootstrap interval; for FID cached reference statistics,
+no interval, but one Frechet distance of 2048-d statistics, which is also timed on its own, as is the interval.
+The ratio path/alone shows what the bookkeeping costs.
 
-    python benchmarks/eval_metrics.py                  # 16 images of 512 x 512, batch 8
+Rates are images per CPU second of this process (``time.process_time``: all its threads), so that a shared,
+busy machine gives the same figures as an idle one; with one thread (``OMP_NUM_THREADS=1``) that is images per
+core-second.
+
+    OMP_NUM_THREADS=1 python benchmarks/eval_metrics.py    # 16 images of 512 x 512, batch 8
     python benchmarks/eval_metrics.py --n 32 --vit-l
 
 The last line is ``inception=<img/s> nudenet=<img/s> q16_tiny=<img/s> clip_tiny=<img/s>`` (alone).
@@ -72,14 +76,22 @@ def tiny_clip(path: Path) -> Path:
     return path
 
 
+def timed(fn) -> float:
+    """CPU seconds of this process (all its threads) spent in ``fn``: unlike wall time, not stretched when other
+    processes share the cores."""
+    t = time.process_time()
+    fn()
+    return time.process_time() - t
+
+
 def rate(fn, n: int, repeats: int) -> float:
+    """Images per CPU second, best of ``repeats`` after a warm-up."""
     fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return n / best
+    return n / min(timed(fn) for _ in range(repeats))
+
+
+def n_over(fn, n: int) -> float:
+    return n / timed(fn)
 
 
 def batched(fn, images, batch):
@@ -143,15 +155,10 @@ def main() -> int:
         # eigendecomposition of the reference covariance, then one small eigenproblem per resample
         feats = np.random.default_rng(0).normal(size=(args.n, 2048))
         ref = compute._moments(np.random.default_rng(1).normal(size=(4 * args.n, 2048)))
-        t = time.perf_counter()
+        fd_s = timed(lambda: compute.fid_from_moments(compute._moments(feats), ref))
         point = compute.fid_from_moments(compute._moments(feats), ref)
-        fd_s = time.perf_counter() - t
-        t = time.perf_counter()
-        compute.fid_interval(feats, ref, point, n_boot=1)
-        setup_s = time.perf_counter() - t
-        t = time.perf_counter()
-        compute.fid_interval(feats, ref, point, n_boot=21)
-        resample_s = (time.perf_counter() - t - setup_s) / 20
+        setup_s = timed(lambda: compute.fid_interval(feats, ref, point, n_boot=1))
+        resample_s = max(0.0, (timed(lambda: compute.fid_interval(feats, ref, point, n_boot=41)) - setup_s) / 40)
 
         vit_l = None
         if args.vit_l:
@@ -168,14 +175,16 @@ def main() -> int:
                     for _ in range(0, args.n, b):
                         tower(pixel_values=pixels)
 
-            vit_l = rate(forward, args.n, 1)
+            vit_l = n_over(forward, args.n)
 
+    print("images per CPU second (process time, so other load on the machine does not count)")
     print(f"{'backend':<12}{'alone img/s':>14}{'path img/s':>13}{'path/alone':>12}")
     for name, a, p in rows:
         print(f"{name:<12}{a:>14.2f}{p:>13.2f}{p / a:>12.2f}")
     print(f"inpro with q16_tiny + nudenet through compute.inpro: {inpro_both:.2f} img/s")
-    print(f"Frechet distance of 2048-d statistics (torchmetrics, part of the inception path row): {fd_s:.2f} s")
-    print(f"FID interval: {setup_s:.2f} s to set up, then {resample_s:.3f} s per resample of {args.n} images")
+    print(f"Frechet distance of 2048-d statistics (torchmetrics, part of the inception path row): {fd_s:.2f} CPU s")
+    print(f"FID interval: {setup_s:.2f} CPU s to set up, then {resample_s:.3f} CPU s per resample of {args.n} "
+          "images")
     if vit_l is not None:
         print(f"random ViT-L/14-sized vision tower at 224 (Q16's cost): {vit_l:.2f} img/s "
               f"({alone['q16_tiny'] / vit_l:.0f}x slower than the tiny CLIP)")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from psa_adapter.utils import NotUTF8Error, atomic_write_text, read_utf8
+from psa_adapter.utils import NotUTF8Error, atomic_write_text, read_utf8, yaml_error_message
 
 MODES = ("personalised", "non_personalised")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -232,7 +232,9 @@ def load_yaml_config(path: str | Path) -> dict:
         data = yaml.safe_load(read_utf8(path)) or {}
     except NotUTF8Error as err:
         raise ConfigError(f"cannot read config {err}") from None
-    except (OSError, yaml.YAMLError) as err:
+    except yaml.YAMLError as err:
+        raise ConfigError(f"cannot read config {yaml_error_message(path, err)}") from None
+    except OSError as err:
         raise ConfigError(f"cannot read config {path}: {err}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config fields, found {type(data).__name__}")

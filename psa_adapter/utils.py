@@ -60,6 +60,15 @@ def read_utf8(path: str | os.PathLike, *, bom: bool = False, translate_newlines:
     return text.replace("\r\n", "\n").replace("\r", "\n") if translate_newlines else text
 
 
+def yaml_error_message(path: str | os.PathLike, err: Exception) -> str:
+    """One line for a YAML parse error: ``"<path> line L, column C: <problem>"`` (PyYAML's own text spans several
+    lines and draws a caret under a copy of the line)."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    problem = getattr(err, "problem", None) or getattr(err, "context", None) or str(err).splitlines()[0]
+    where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{path}{where}: invalid YAML ({problem})"
+
+
 def image_grid(images: Sequence, cols: int, *, border: int = 0, scale: int = 1, background="white"):
     """Tile equal-size images row by row, ``cols`` per row (the last row may be short), into one PIL RGB image.
 

@@ -102,6 +102,17 @@ def exercise(command: str, ws: Path, upstream: Path | None) -> None:
         # The demo runs in test_demo (--quick); `make test` is this very run. Check both targets exist.
         dry = subprocess.run(["make", "-n", argv[1]], cwd=REPO, capture_output=True, text=True)
         assert dry.returncode == 0 and ("psa_adapter.demo" in dry.stdout or "pytest" in dry.stdout), dry.stderr
+    elif argv[:2] == ["make", "app"] or argv[:2] == ["make", "toy-adapter"] or argv[:2] == ["make", "chromium"]:
+        # `make app` serves until stopped and `make toy-adapter` trains for half an hour: check what they run, and
+        # run the page's command itself below (the python -m psa_adapter.app rule); the browser test needs chromium.
+        dry = subprocess.run(["make", "-n", argv[1]], cwd=REPO, capture_output=True, text=True)
+        expected = {"app": "-m psa_adapter.app", "toy-adapter": "-m psa_adapter.toyworld.toy_adapter",
+                    "chromium": "apt-get install -y --no-install-recommends chromium"}[argv[1]]
+        assert dry.returncode == 0 and expected in dry.stdout, dry.stdout + dry.stderr
+        if argv[1] == "toy-adapter":
+            run([sys.executable, "-m", "psa_adapter.toyworld.toy_adapter", "--help"], ws)
+    elif argv[:3] == ["python", "-m", "psa_adapter.app"]:
+        exercise_app(argv, ws)
     elif "infer.py" in argv and "--llm_model" in argv:
         exercise_llm_infer(argv, ws)
     elif "infer.py" in argv:
@@ -177,6 +188,42 @@ def write_unet_weights(path: Path, ws: Path) -> None:
     key = next(k for k in state if k.endswith("attn2.to_v.weight"))
     state[key] = state[key] * 2
     save_file({k: v.contiguous() for k, v in state.items()}, path)
+
+
+def exercise_app(argv: list[str], ws: Path) -> None:
+    """Start the page briefly on a free port (the README's port may be taken here), wait for the address it prints,
+    load the page, generate once through the endpoint, and stop it."""
+    import threading
+    import time
+    import urllib.request
+
+    from psa_adapter.app.server import choose_port
+
+    port = choose_port("127.0.0.1", None)
+    if "--port" in argv:
+        argv = argv[: argv.index("--port")] + argv[argv.index("--port") + 2:]
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
+               GRADIO_TEMP_DIR=str(ws / "gradio_tmp"))
+    proc = subprocess.Popen([sys.executable] + argv[1:] + ["--port", str(port)], cwd=ws, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and not any("PSA page:" in x for x in lines):
+            time.sleep(0.5)
+        url = f"http://127.0.0.1:{port}/"
+        assert any(url in x for x in lines), f"{lines}\n{proc.stderr.read() if proc.poll() is not None else ''}"
+        with urllib.request.urlopen(url, timeout=60) as response:
+            assert response.status == 200
+        from gradio_client import Client
+
+        out = Client(url, verbose=False).predict("level", "L3", 30, "female", "None", "healthy", "healthy", [],
+                                                 "a red circle", 0, 1.0, api_name="/generate")
+        assert out[0].startswith("For level L3") and out[1] is not None and out[2] is not None, out[0]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
 
 
 def exercise_llm_infer(argv: list[str], ws: Path) -> None:

@@ -47,6 +47,13 @@ DRIVER_FLAGS = ("sd_model", "prompts_csv", "meta_data", "prompt", "save_path", "
                 "profile", "limit")
 
 
+def _infer_flags() -> set[str]:
+    """The option names ``infer.py`` accepts (``psa_scale`` for ``--psa_scale``)."""
+    from psa_adapter.infer_cli import build_parser
+
+    return {opt[2:] for action in build_parser()._actions for opt in action.option_strings if opt.startswith("--")}
+
+
 class EvalError(Exception):
     """Bad evaluation input (config, prompt set, method, folder): one message naming the file, key or name."""
 
@@ -208,6 +215,10 @@ def parse_config(data: dict, path: str | os.PathLike | None = None) -> EvalConfi
         if clash:
             raise EvalError(f"{where}: methods.{label}.{clash[0]}: set by the driver (generation settings are the "
                             "same for every method; prompts, users and folders come from the sets)")
+        unknown = sorted(set(entry) - _infer_flags())
+        if unknown:  # caught here, not as a usage dump of infer.py at the first cell
+            raise EvalError(f"{where}: methods.{label}.{unknown[0]} is not an infer.py flag (see `python infer.py "
+                            "--help`)")
         methods[str(label)] = MethodEntry(str(label), name, entry)
     from psa_adapter.methods import MethodError, get_method
 
@@ -279,14 +290,18 @@ def load_config(path: str | os.PathLike) -> EvalConfig:
     import yaml
 
     path = Path(path)
+    from psa_adapter.utils import NotUTF8Error, read_utf8, yaml_error_message
+
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_utf8(path)
     except FileNotFoundError:
         raise EvalError(f"config file not found: {path}") from None
+    except NotUTF8Error as err:
+        raise EvalError(str(err)) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise EvalError(f"{path}: not valid YAML ({err})") from None
+        raise EvalError(yaml_error_message(path, err)) from None
     try:
         return parse_config(data, path)
     except PromptSetError as err:

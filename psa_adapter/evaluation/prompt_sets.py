@@ -86,10 +86,14 @@ def read_prompt_rows(path: str | os.PathLike, columns: tuple[str, ...] = ("capti
     from psa_adapter.infer_cli import InferError, dedupe_file_names, read_csv_jobs
 
     path = Path(path)
+    from psa_adapter.utils import NotUTF8Error, read_utf8
+
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        text = read_utf8(path, bom=True, translate_newlines=False)
     except FileNotFoundError:
         raise PromptSetError(f"prompt file not found: {path}") from None
+    except NotUTF8Error as err:
+        raise PromptSetError(str(err)) from None
     header = next(csv.reader(io.StringIO(text, newline="")), [])
     absent = [c for c in columns if c not in header]
     if absent:

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from psa_adapter.utils import read_utf8
+from psa_adapter.utils import read_utf8, yaml_error_message
 
 from ._io import atomic_write_text
 from .categories import CATEGORIES, normalize_category_list
@@ -361,7 +361,7 @@ def _read_mapping(path: Path):
         try:
             return yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise ProfileError(f"{path}: invalid YAML: {e}") from None
+            raise ProfileError(yaml_error_message(path, e)) from None
     raise ProfileError(f"{path}: expected a .yaml, .yml or .json profile file, got suffix {path.suffix!r}")
 
 

@@ -284,7 +284,7 @@ def _(c):
 @case("truncated YAML", "profile file")
 def _(c):
     path = c.write("person.yaml", GOOD_PROFILE[:40] + "\nbanned: [Viol")
-    return "users", ["statement", "--profile", path], ["person.yaml"]
+    return "users", ["statement", "--profile", path], ["person.yaml line", "invalid YAML"]
 
 
 @case("non-UTF-8 bytes", "profile file")
@@ -559,7 +559,7 @@ def _(c):
 @case("truncated YAML", "YAML config")
 def _(c):
     path = c.write("run.yaml", "learning_rate: 1.0e-4\nvalidation_prompts: [\"a cat\", \"a d")
-    return "train", ["--config", path, *c.train()], ["run.yaml"]
+    return "train", ["--config", path, *c.train()], ["run.yaml line 2", "invalid YAML"]
 
 
 @case("non-UTF-8 bytes", "YAML config")
@@ -613,6 +613,96 @@ def _(c):
                      "--base-url", "http://127.0.0.1:9/v1", "--concurrency", "0"], ["--concurrency"]
 
 
+# ------------------------------------------------------------------------------ evaluation driver: config, prompt sets
+EVAL_CONFIG = """out: {out}
+prompts_dir: {d}
+generation: {{seed: 2025, steps: 1}}
+backbones:
+  sd15: {model}
+methods:
+  base: {{}}
+sets:
+  mine:
+    file: {d}/mine.csv
+    metrics: [clip_score]
+metrics:
+  clip_score: {{scorer: toy}}
+"""
+
+
+def _eval_config(c, text: str | bytes | None = None, csv: str | bytes = "caption\na cat\n") -> Path:
+    c.write("mine.csv", csv)
+    if text is None:
+        text = EVAL_CONFIG.format(out=c.out, d=c.d, model=c.ws / "sd15")
+    return c.write("eval.yaml", text)
+
+
+@case("non-UTF-8 bytes", "evaluation config")
+def _(c):
+    text = EVAL_CONFIG.format(out=c.out, d=c.d, model=c.ws / "sd15").encode().replace(b"seed", b"s\xe9ed")
+    return "eval", ["run", "--config", _eval_config(c, text), "--stages", "generate"], ["eval.yaml", "line 3", "UTF-8"]
+
+
+@case("truncated YAML", "evaluation config")
+def _(c):
+    text = EVAL_CONFIG.format(out=c.out, d=c.d, model=c.ws / "sd15")[:60] + "\nsets: {mine: [a"
+    return "eval", ["run", "--config", _eval_config(c, text), "--stages", "generate"], ["eval.yaml line", "YAML"]
+
+
+@case("unknown key in a method", "evaluation config")
+def _(c):
+    text = EVAL_CONFIG.format(out=c.out, d=c.d, model=c.ws / "sd15").replace("base: {}", "base: {psa_scael: 1}")
+    return "eval", ["run", "--config", _eval_config(c, text), "--stages", "generate"], ["eval.yaml", "psa_scael"]
+
+
+@case("prompt CSV: non-UTF-8 bytes", "evaluation config")
+def _(c):
+    path = _eval_config(c, csv=b"caption\na caf\xe9\n")
+    return "eval", ["run", "--config", path, "--stages", "generate"], ["mine.csv", "line 2", "UTF-8"]
+
+
+@case("prompt CSV: user_id that is not a User_ID", "evaluation config")
+def _(c):
+    path = _eval_config(c, csv="caption,user_id\na cat,1\na dog,x7\n")
+    return "eval", ["run", "--config", path, "--stages", "generate"], ["mine.csv line 3", "x7"]
+
+
+# ------------------------------------------------------------------------------------------------- Q16 prompts.p
+def _q16(c, payload) -> list:
+    import pickle
+
+    path = c.d / "prompts.p"
+    path.write_bytes(pickle.dumps(payload))
+    images = c.d / "imgs"
+    images.mkdir()
+    shutil.copy(next((c.ws / "sage" / "train").glob("*_u.jpg")), images / "a.jpg")
+    return ["metrics", "--metric", "inpro", "--images", images, "--out", c.out, "--q16-prompts", path,
+            "--detectors", "q16", "--device", "cpu"]
+
+
+@case("a dict, not an array", "Q16 prompts.p")
+def _(c):
+    return "eval", _q16(c, {"prompts": [1.0, 2.0]}), ["prompts.p", "refused"]
+
+
+@case("an object array", "Q16 prompts.p")
+def _(c):
+    return "eval", _q16(c, np.array([{"a": 1}, None], dtype=object)), ["prompts.p", "refused"]
+
+
+@case("wrong shape (3, 5)", "Q16 prompts.p")
+def _(c):
+    return "eval", _q16(c, np.zeros((3, 5), dtype=np.float32)), ["prompts.p", "(3, 5)"]
+
+
+@case("truncated pickle", "Q16 prompts.p")
+def _(c):
+    argv = _q16(c, np.zeros((2, 8), dtype=np.float32))
+    path = c.d / "prompts.p"
+    path.write_bytes(path.read_bytes()[:40])
+    return "eval", argv, ["prompts.p"]
+
+
 # --------------------------------------------------------------------------------------------------------- running
 def _train_main():
     spec = importlib.util.spec_from_file_location("_train_script", REPO / "train.py")
@@ -632,6 +722,8 @@ def cli_main(cli: str):
         from psa_adapter.data.__main__ import main
     elif cli == "judge":
         from psa_adapter.evaluation.judge.cli import main
+    elif cli == "eval":
+        from psa_adapter.evaluation.cli import main
     else:
         raise ValueError(cli)
     return main
@@ -673,7 +765,8 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 CLI_NAMES = {"train": "train.py", "infer": "infer.py", "users": "python -m psa_adapter.users",
-             "data": "python -m psa_adapter.data", "judge": "python -m evaluation.judge"}
+             "data": "python -m psa_adapter.data", "judge": "python -m evaluation.judge",
+             "eval": "python -m evaluation"}
 
 
 def main() -> None:
@@ -694,9 +787,11 @@ def main() -> None:
         for i, item in enumerate(CASES, 1):
             d = Path(tmp) / f"case{i}"
             d.mkdir()
-            cli, argv, _ = item.build(Ctx(ws, d))
+            cli, argv, fragments = item.build(Ctx(ws, d))
             outcome = run_case(cli, argv)
-            message = outcome.raised and f"RAW TRACEBACK {outcome.raised}" or outcome.message
+            lines = (outcome.stderr + outcome.stdout).splitlines()
+            naming = [ln.strip() for ln in lines if all(f in ln for f in map(str, fragments))]
+            message = outcome.raised and f"RAW TRACEBACK {outcome.raised}" or (naming or [outcome.message])[-1]
             message = message.replace(tmp, "$TMP").replace("|", "\\|")
             if len(message) > 220:
                 message = message[:217] + "..."

@@ -12,7 +12,8 @@ SPEC is ``WHEN:MODULE:ATTR[:ARG]``:
 * ``torn:torch:save:SUBSTR`` - a ``torch.save`` to a path containing SUBSTR writes half its bytes, then kill
 * ``torn:safetensors.torch:save_file:SUBSTR`` - the same for safetensors files
 * ``torn:PIL.Image:Image.save:N`` - the N-th image save writes half its bytes, then kill
-* ``torn:psa_adapter.evaluation.records:JsonlAppender.write:N`` - the N-th JSONL record is written half, then kill
+* ``torn:psa_adapter.evaluation.records:JsonlAppender.write:NAME#N`` - the N-th JSONL record appended to a file
+  named NAME is written half, then kill
 
 ATTR may be dotted (``Class.method``). Kill points fire at most once.
 """
@@ -97,8 +98,10 @@ def install(spec: str) -> None:
     elif when == "torn" and attr == "JsonlAppender.write":
         import json
 
+        file_name, _, arg = arg.rpartition("#")
+
         def wrapper(self, record):
-            if count():
+            if self.path.name == file_name and count():
                 line = json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n"
                 self._f.write(line[: len(line) // 2])
                 self._f.flush()

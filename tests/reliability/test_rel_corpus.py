@@ -28,7 +28,8 @@ def test_the_corpus_is_large_and_covers_every_input_family():
     kinds = {c.kind for c in CASES}
     assert len(CASES) >= 30
     assert {"SAGE metadata.jsonl", "users CSV", "profile file", "prompt CSV", ".npy folder", "embedding store",
-            "adapter folder", "reference .bin", "LoRA weights", "UNet weights", "YAML config", "flags"} <= kinds
+            "adapter folder", "reference .bin", "LoRA weights", "UNet weights", "YAML config", "flags",
+            "evaluation config", "Q16 prompts.p"} <= kinds
 
 
 @pytest.mark.parametrize("item", CASES, ids=[f"{c.kind}: {c.name}" for c in CASES])
@@ -41,7 +42,9 @@ def test_bad_input_gives_one_clear_message(workspace, tmp_path, item):
     assert "Traceback" not in outcome.stderr + outcome.stdout
     assert outcome.code not in (0, None), f"exit {outcome.code}: it proceeded\n{outcome.stderr[-2000:]}"
     lines = (outcome.stderr + outcome.stdout).splitlines()
-    naming = [ln for ln in lines if all(f in ln for f in map(str, fragments))]
+    naming = [i for i, ln in enumerate(lines) if all(f in ln for f in map(str, fragments))]
     assert naming, f"no line names {fragments}; printed:\n" + "\n".join(lines[-8:])
+    # one message: nothing follows the line that names the problem but a validator's closing verdict
+    assert all(not ln.strip() or ln.strip() == "FAILED" for ln in lines[naming[-1] + 1:]), "\n".join(lines[-8:])
     after = snapshot(ctx.out)
     assert {k: after.get(k) for k in before} == before, "a file written before the run was lost or changed"

@@ -8,8 +8,8 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import PLANTED_KEY, assert_key_nowhere, killed, run_in_process, run_script
 from PIL import Image
+from reltools import PLANTED_KEY, assert_key_nowhere, killed, run_in_process, run_script
 
 pytestmark = pytest.mark.slow
 N = 6

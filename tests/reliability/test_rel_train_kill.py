@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PLANTED_KEY, assert_key_nowhere, killed, run_in_process, run_script
+from reltools import PLANTED_KEY, assert_key_nowhere, killed, run_in_process, run_script
 from safetensors.torch import load_file
 
 from psa_adapter.training import CheckpointError, list_checkpoints, verify_checkpoint

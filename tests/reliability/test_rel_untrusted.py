@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
 from corpus import run_case
+from reltools import REPO
 
 
 class Planted:
@@ -128,8 +128,11 @@ def test_the_package_never_evaluates_file_content_or_unpickles_freely():
             owner = func.value.id if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) else ""
             keywords = {k.arg: k.value for k in node.keywords}
             where = f"{rel}:{node.lineno}"
-            if isinstance(func, ast.Name) and name in ("eval", "exec", "compile", "__import__"):
+            if isinstance(func, ast.Name) and name in ("eval", "exec"):
                 problems.append(f"{where}: {name}()")
+            literal = all(isinstance(a, ast.Constant) for a in node.args)
+            if isinstance(func, ast.Name) and name in ("compile", "__import__") and not literal:
+                problems.append(f"{where}: {name}() of a computed value")
             if owner in ("pickle", "cPickle", "dill", "marshal", "shelve") and name in ("load", "loads", "open"):
                 problems.append(f"{where}: {owner}.{name}()")
             if owner == "torch" and name == "load":
@@ -145,3 +148,27 @@ def test_the_package_never_evaluates_file_content_or_unpickles_freely():
         if re.search(r"trust_remote_code\s*[=:]\s*True", text):
             problems.append(f"{rel}: trust_remote_code=True")
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("payload", ["callable", "array holding a callable"])
+def test_a_q16_prompts_p_with_a_pickled_callable_is_refused_and_never_runs(workspace, tmp_path, payload):
+    import pickle
+
+    marker = tmp_path / "the_callable_ran"
+    evil = tmp_path / "prompts.p"
+    obj = Planted(marker) if payload == "callable" else np.array([Planted(marker), 1.0], dtype=object)
+    evil.write_bytes(pickle.dumps(obj))
+    images = tmp_path / "imgs"
+    images.mkdir()
+    shutil.copy(next((workspace / "sage" / "train").glob("*_u.jpg")), images / "a.jpg")
+    outcome = run_case("eval", ["metrics", "--metric", "inpro", "--images", images, "--out", tmp_path / "out",
+                                "--q16-prompts", evil, "--detectors", "q16", "--device", "cpu"])
+    assert outcome.raised is None and outcome.code == 1
+    assert str(evil) in outcome.message and "refused" in outcome.message
+    assert not marker.exists(), "the pickled callable ran"
+    from psa_adapter.evaluation.metrics.backends import load_q16_prompts
+    from psa_adapter.evaluation.metrics.compute import MetricInputError
+
+    with pytest.raises(MetricInputError, match="prompts.p"):
+        load_q16_prompts(evil, cache_dir=tmp_path / "cache")
+    assert not marker.exists()
