@@ -494,7 +494,7 @@ def write_grid(settings: DemoSettings, items: dict[str, list[Item]], path: Path,
     rows = []
     for method in METHODS[:-1]:
         if method in settings.methods or (settings.reuse is not None and (settings.gen_dir(method) / "grid").is_dir()):
-            label = LABELS[method] + (f" ({GRID_PROMPT_LEVEL} bans)" if method in PROMPT_ROWS else "")
+            label = LABELS[method] + (f"\n({GRID_PROMPT_LEVEL} bans)" if method in PROMPT_ROWS else "")
             rows.append((label, settings.gen_dir(method), ""))
     for name in LEVELS if "psa" in settings.methods else ():
         rows.append((f"PSA {name}", settings.gen_dir("psa"), f"{name}/"))
