@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 import tempfile
 import time
@@ -118,7 +119,7 @@ def main() -> int:
         images = [compute.load_image(tmp / "gen" / n) for n in prompts]
         texts = list(prompts.values())
         clip_dir = tiny_clip(tmp / "clip")
-        (tmp / "prompts.p").write_bytes(__import__("pickle").dumps(
+        (tmp / "prompts.p").write_bytes(pickle.dumps(
             np.random.default_rng(0).normal(size=(2, 768)).astype(np.float16)))
 
         inception = backends.InceptionFeatures(device="cpu")

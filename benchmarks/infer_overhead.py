@@ -1,7 +1,8 @@
 """Inference time of the PSA pipeline over the base pipeline, measured side by side in one run.
 
-Same pipeline object, prompts, seeds and steps; the adapter is attached for the PSA runs and detached for the base
-runs, and the two alternate (ABBA order) so that drifting machine load hits both alike. Two model sizes:
+Same pipeline object, prompts, seeds and steps; the adapter is loaded (``load_psa_adapter``) for the PSA runs and
+unloaded for the base runs, and the two alternate (ABBA order) so that drifting machine load hits both alike. Two
+model sizes:
 
 * ``tiny``: the tiny SD1.5-style test pipeline (psa_adapter.testing), 32 px;
 * ``sd15-arch``: the real SD1.5 UNet architecture (UNet2DConditionModel with SD1.5's config, 860 M parameters,
@@ -32,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from psa_adapter.adapter import PSAAdapter, cross_attention_layers  # noqa: E402
+from psa_adapter.loaders import load_psa_adapter, unload_psa_adapter  # noqa: E402
 from psa_adapter.pipeline import generate  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -110,17 +112,15 @@ def measure(pipe, adapters: dict[int, PSAAdapter], *, device, batch: int, steps:
     def run(mode: str) -> float:
         adapter = adapters.get(int(mode[2:])) if mode != "base" else None
         if adapter is not None:
-            adapter.attach(pipe.unet)
+            load_psa_adapter(pipe, adapter, scale=1.0)
         try:
             _sync(device)
             start = clock()
-            generate(pipe, prompts, seeds, adapter=adapter, user_embeds=None if adapter is None else user_embeds,
-                     psa_scale=None if adapter is None else 1.0, **kwargs)
+            generate(pipe, prompts, seeds, user_embeds=None if adapter is None else user_embeds, **kwargs)
             _sync(device)
             return clock() - start
         finally:
-            if adapter is not None:
-                adapter.detach()
+            unload_psa_adapter(pipe)
 
     modes = ["base"] + [f"K={k}" for k in adapters]
     for mode in modes:  # warm-up: allocator, kernels, lazy imports
@@ -151,9 +151,9 @@ def flop_ratio(unet, adapter: PSAAdapter, size_latent: int, batch: int = 2) -> t
         if use_adapter:
             adapter.attach(unet)
         try:
-            states = adapter.extend_hidden_states(text, tokens) if use_adapter else text
+            extra = adapter.unet_kwargs(tokens) if use_adapter else {}
             with torch.no_grad(), FlopCounterMode(display=False) as counter:
-                unet(sample, timestep, states)
+                unet(sample, timestep, text, **extra)
             counts.append(counter.get_total_flops())
         finally:
             adapter.detach()

@@ -6,7 +6,7 @@ statements are the packaged template's, exactly what generation embeds. Batch 1 
 the repeats, so drifting machine load hits both alike; the model load is timed apart. One llm-policy reply (a greedy
 generation of up to 64 tokens, the reference's way to decide the banned list) is timed as well, for scale.
 
-    python benchmarks/llm_user_embed.py                       # 32 profiles, 4 repeats
+    python benchmarks/llm_user_embed.py                       # 16 profiles, 2 repeats
     python benchmarks/llm_user_embed.py --n 64 --threads 1
 
 The last line is ``embeds_per_s_b8=<value> embeds_per_s_b1=<value> b8_over_b1=<ratio>`` (medians over repeats).
@@ -26,8 +26,8 @@ from psa_adapter.testing import smollm2_gguf  # noqa: E402
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=32, help="profiles embedded per measurement")
-    parser.add_argument("--repeats", type=int, default=4, help="measurements per batch size (ABBA order)")
+    parser.add_argument("--n", type=int, default=16, help="profiles embedded per measurement")
+    parser.add_argument("--repeats", type=int, default=2, help="measurements per batch size (ABBA order)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
@@ -46,6 +46,7 @@ def main() -> int:
     start = time.perf_counter()
     lm, tokenizer = load_causal_lm(gguf, device=args.device)
     load_s = time.perf_counter() - start
+    print(f"model loaded in {load_s:.1f} s", flush=True)
     encoder = LLMEncoder(lm=lm, tokenizer=tokenizer, device=args.device, encoder_id=str(gguf))
     profiles = assign_banned(RulesPolicy(), sample_profiles(args.n, seed=2025))
     lengths = [len(ids) for ids in tokenizer(encoder.statements(profiles))["input_ids"]]
@@ -57,6 +58,7 @@ def main() -> int:
         start = time.perf_counter()
         vectors = encoder.encode(profiles, batch_size=batch)
         times[batch].append(time.perf_counter() - start)
+        print(f"batch {batch}: {args.n} embeddings in {times[batch][-1]:.2f} s", flush=True)
     assert vectors.shape == (args.n, encoder.dim)
 
     policy = LLMPolicy(lm=lm, tokenizer=tokenizer)

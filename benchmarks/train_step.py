@@ -97,8 +97,8 @@ class TwoUNetDPOModel(torch.nn.Module):
         with torch.no_grad():
             ref_pred = self.ref_unet(noisy_latents, timesteps, encoder_hidden_states,
                                      added_cond_kwargs=added_cond_kwargs).sample
-        hidden = self.branch.policy_hidden_states(encoder_hidden_states, user_embeds)
-        policy_pred = self.unet(noisy_latents, timesteps, hidden, added_cond_kwargs=added_cond_kwargs).sample
+        policy_pred = self.unet(noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
+                                **self.branch.unet_kwargs(user_embeds)).sample
         return policy_pred, ref_pred
 
 
@@ -162,6 +162,8 @@ def worker(args) -> dict:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     models = build_models(args, device, dtype)
+    # The second UNet of the two-UNet design: a copy of the base UNet, made before the adapter wraps its processors.
+    ref_unet = copy.deepcopy(models.unet) if args.worker != "ours" else None
     adapter = PSAAdapter.for_unet(models.unet, embed_dim=args.embed_dim, num_tokens=1).to(device)
     branch = PSABranch(models.unet, adapter)
     ours = DPOModel(models.unet, branch)
@@ -170,7 +172,6 @@ def worker(args) -> dict:
     if args.worker == "ours":
         designs = {"ours": (ours, False), "ours_cached": (ours, True)}
     else:
-        ref_unet = copy.deepcopy(models.unet)  # the second UNet the two-UNet design keeps
         designs = {"two_unet": (TwoUNetDPOModel(models.unet, ref_unet, branch), False), "ours": (ours, False)}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

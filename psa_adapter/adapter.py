@@ -1,10 +1,11 @@
 """The PSA adapter: a user projection plus a zero-initialised user branch in every cross-attention layer.
 
 Shapes: ``E`` user-embedding size, ``K`` user tokens, ``D = unet.config.cross_attention_dim``, ``H`` the attention
-width of one ``attn2`` layer. The user tokens travel inside the text conditioning: a caller appends
-``user_tokens(u)`` (B, K, D) to ``encoder_hidden_states`` (B, L, D) and every processor splits the last ``K``
-tokens off again. That keeps stock diffusers pipelines usable: their ``prompt_embeds`` argument carries the tokens,
-and classifier-free guidance batching comes for free.
+width of one ``attn2`` layer. ``attach`` wraps the UNet's attention processors (``psa_adapter.attention``); the user
+tokens ``user_tokens(u)`` (B, K, D) then travel explicitly with every UNet call, as
+``cross_attention_kwargs={"psa_user_tokens": tokens}``, never inside the text sequence. The pipeline verbs
+(``load_psa_adapter``, ``pipe(prompt, user_embeds=u)``, ``set_psa_scale``, ``unload_psa_adapter``) live in
+``psa_adapter.loaders``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from psa_adapter.attention import PSAAttnProcessor
+from psa_adapter.attention import USER_TOKENS_KWARG, PSAAttnProcessor, PSAPassThroughProcessor
 from psa_adapter.errors import AdapterMismatchError
 from psa_adapter.reference import reference_adapter_state
 from psa_adapter.utils import atomic_write, read_utf8
@@ -132,6 +134,21 @@ class UserBranch(nn.Module):
         nn.init.zeros_(self.to_v_user.weight)
 
 
+def _download(repo_id: str | os.PathLike) -> Path:
+    """A Hugging Face Hub id (a string ``owner/name``) as a local folder holding an adapter, via the Hub's cache."""
+    if not isinstance(repo_id, str) or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", repo_id):
+        raise FileNotFoundError(f"adapter path does not exist: {repo_id}")
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(repo_id, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, REFERENCE_BIN_NAME])
+    except Exception as err:  # noqa: BLE001 - hub errors vary by version; re-raised with the id
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FileNotFoundError(f"adapter {repo_id!r} is neither a local path nor a Hub repository that could be "
+                                f"fetched: {first_line}") from err
+    return Path(folder)
+
+
 def _module_key(layer_name: str) -> str:
     # ModuleDict keys may not contain dots.
     return layer_name.replace(".", "__")
@@ -160,7 +177,9 @@ class PSAAdapter(nn.Module):
                 branch.to_k_user.weight.requires_grad_(False)
         # Plain attribute, not a submodule: the UNet must never become part of the adapter's parameters.
         self.__dict__["_unet"] = None
+        # While attached: the user-branch processors by attn2 layer, and every wrapper by processor name.
         self._processors: dict[str, PSAAttnProcessor] = {}
+        self._wrappers: dict[str, PSAAttnProcessor | PSAPassThroughProcessor] = {}
         self._original_processors: dict = {}
         self._scale: float | dict = 1.0
 
@@ -220,15 +239,9 @@ class PSAAdapter(nn.Module):
             self.user_proj.embed_mean.copy_(x.mean(0))
             self.user_proj.embed_std.copy_(x.std(0).clamp_min(eps))
 
-    @staticmethod
-    def extend_hidden_states(encoder_hidden_states: torch.Tensor, user_tokens: torch.Tensor) -> torch.Tensor:
-        """Append (B, K, D) user tokens to (B, L, D) text states: the (B, L + K, D) input of an adapted UNet."""
-        if user_tokens.shape[0] != encoder_hidden_states.shape[0]:
-            raise ValueError(
-                f"batch of user tokens ({user_tokens.shape[0]}) != batch of text states "
-                f"({encoder_hidden_states.shape[0]})"
-            )
-        return torch.cat([encoder_hidden_states, user_tokens.to(encoder_hidden_states.dtype)], dim=1)
+    def unet_kwargs(self, user_tokens: torch.Tensor) -> dict:
+        """The keyword arguments that carry (B, K, D) ``user_tokens`` into an adapted UNet call."""
+        return {"cross_attention_kwargs": {USER_TOKENS_KWARG: user_tokens}}
 
     # ------------------------------------------------------------------------------------------- attach / detach
     def check_unet(self, unet) -> None:
@@ -252,59 +265,115 @@ class PSAAdapter(nn.Module):
             raise AdapterMismatchError("adapter does not fit this UNet: " + "; ".join(problems))
 
     def attach(self, unet) -> PSAAdapter:
-        """Install PSA processors on every ``attn2`` of ``unet`` (self-attention is untouched)."""
-        if self._unet is not None:
-            if self._unet is unet:
-                return self
+        """Wrap the processor of every attention layer of ``unet``: ``attn2`` layers get the user branch
+        (``PSAAttnProcessor``), self-attention layers a pass-through. The processors installed before keep running
+        underneath, so PSA composes with them. Attaching again after the UNet's processors were replaced wraps the
+        new ones."""
+        if self._unet is not None and self._unet is not unet:
             raise RuntimeError("this adapter is already attached to another UNet; call detach() first")
+        if self._unet is unet and not self.replaced_layers():
+            return self
         self.check_unet(unet)
-        self._original_processors = dict(unet.attn_processors)
-        new = {}
-        self._processors = {}
-        for proc_name, processor in self._original_processors.items():
+        ours = {id(p) for p in self._wrappers.values()}
+        base = {name: p.base_processor if id(p) in ours else p for name, p in unet.attn_processors.items()}
+        self._processors, self._wrappers = {}, {}
+        for proc_name, processor in base.items():
             layer = proc_name.removesuffix(".processor")
             if layer in self.config.layers:
-                psa = PSAAttnProcessor(self.branch(layer), self.config.num_tokens, base_processor=processor)
-                self._processors[layer] = psa
-                new[proc_name] = psa
+                wrapper = PSAAttnProcessor(processor, self.branch(layer), self.config.num_tokens)
+                self._processors[layer] = wrapper
             else:
-                new[proc_name] = processor
-        unet.set_attn_processor(new)
+                wrapper = PSAPassThroughProcessor(processor)
+            self._wrappers[proc_name] = wrapper
+        self._original_processors = base
+        unet.set_attn_processor(dict(self._wrappers))
         self.__dict__["_unet"] = unet
         self.set_scale(self._scale)
         return self
 
     def detach(self) -> None:
-        """Restore the UNet's original processors."""
+        """Give the UNet back the processors it had before ``attach`` (the base model again)."""
         if self._unet is None:
             return
-        self._unet.set_attn_processor(self._original_processors)
+        self._unet.set_attn_processor(dict(self._original_processors))
         self.__dict__["_unet"] = None
-        self._processors, self._original_processors = {}, {}
+        self._processors, self._wrappers, self._original_processors = {}, {}, {}
+
+    @property
+    def unet(self):
+        """The UNet this adapter is attached to, or None."""
+        return self._unet
+
+    def replaced_layers(self) -> list[str]:
+        """Attention layers of the attached UNet whose processor is no longer this adapter's (replaced since)."""
+        if self._unet is None:
+            return []
+        current = self._unet.attn_processors
+        return [name.removesuffix(".processor") for name, proc in self._wrappers.items()
+                if current.get(name) is not proc]
+
+    def check_attached(self, unet) -> None:
+        """Raise ``RuntimeError`` saying what to do unless this adapter sits, intact, on ``unet``."""
+        if self._unet is not unet:
+            raise RuntimeError("the PSA adapter is not attached to this pipeline's UNet: load it with "
+                               "load_psa_adapter(pipe, path) (or adapter.attach(pipe.unet))")
+        replaced = self.replaced_layers()
+        if replaced:
+            raise RuntimeError(
+                f"the attention processors of {len(replaced)} UNet layers (e.g. {replaced[0]}) were replaced after "
+                "the PSA adapter was attached (unet.set_attn_processor, enable_xformers_memory_efficient_attention, "
+                "...), which removed the adapter there: call pipe.load_psa_adapter(...) again (or "
+                "adapter.attach(unet)) to wrap the new processors; install other processors before the adapter"
+            )
 
     # ----------------------------------------------------------------------------------------------------- scale
     def set_scale(self, scale: float | Mapping[str, float]) -> None:
-        """A float for every layer, or a dict from block names to floats.
+        """A float for every layer, or per block in the format of diffusers' ``set_ip_adapter_scale``.
 
-        Dict keys are ``"down"``, ``"mid"``, ``"up"``, or any prefix of a layer name such as ``"up_blocks.1"``;
-        the longest matching prefix wins and layers no key matches get 0, as diffusers' IP-Adapter scales do.
+        Dict keys are ``"down"``, ``"mid"``, ``"up"``, or any prefix of a layer name such as ``"up_blocks.1"``.
+        A value is a float, or for ``"down"``/``"up"`` a dict ``{"block_<i>": float or [one float per attention
+        module of the block]}``, e.g. ``{"down": {"block_2": [0.0, 1.0]}, "up": {"block_0": 1.0}}``. The most
+        specific key wins and layers no key matches get 0, as diffusers' IP-Adapter scales do.
         """
+        rules = self._scale_rules(scale)
         self._scale = scale
         for layer, processor in self._processors.items():
-            processor.scale = self._layer_scale(layer, scale)
+            processor.scale = self._layer_scale(layer, rules)
 
-    def _layer_scale(self, layer: str, scale: float | Mapping[str, float]) -> float:
+    @staticmethod
+    def _scale_rules(scale: float | Mapping) -> list[tuple[str, float]] | float:
+        """``scale`` as (layer-name prefix, value) pairs, or one float."""
         if not isinstance(scale, Mapping):
             return float(scale)
-        best, best_len = 0.0, -1
+        rules = []
         for key, value in scale.items():
             prefix = _BLOCK_ALIASES.get(key, key)
+            if not isinstance(value, Mapping):
+                rules.append((prefix, float(value)))
+                continue
+            for block, block_value in value.items():
+                index = str(block).removeprefix("block_")
+                if not index.isdigit():
+                    raise ValueError(f"PSA scale: block keys look like 'block_0', got {block!r} under {key!r}")
+                if isinstance(block_value, (list, tuple)):
+                    rules += [(f"{prefix}.{index}.attentions.{j}", float(v)) for j, v in enumerate(block_value)]
+                else:
+                    rules.append((f"{prefix}.{index}", float(block_value)))
+        return rules
+
+    @staticmethod
+    def _layer_scale(layer: str, rules: list[tuple[str, float]] | float) -> float:
+        if not isinstance(rules, list):
+            return rules
+        best, best_len = 0.0, -1
+        for prefix, value in rules:
             if (layer == prefix or layer.startswith(prefix + ".")) and len(prefix) > best_len:
-                best, best_len = float(value), len(prefix)
+                best, best_len = value, len(prefix)
         return best
 
     def layer_scales(self) -> dict[str, float]:
-        return {layer: self._layer_scale(layer, self._scale) for layer in self.config.layers}
+        rules = self._scale_rules(self._scale)
+        return {layer: self._layer_scale(layer, rules) for layer in self.config.layers}
 
     @contextlib.contextmanager
     def scale_context(self, scale: float | Mapping[str, float]) -> Iterator[None]:
@@ -343,6 +412,12 @@ class PSAAdapter(nn.Module):
                 raise AdapterMismatchError(
                     f"{source}: {key} has shape {tuple(state[key].shape)}, expected {tuple(target.shape)}"
                 )
+            bad = (~torch.isfinite(state[key])).sum().item()
+            if bad:
+                raise AdapterMismatchError(
+                    f"{source}: {key} holds {bad} NaN/inf values; the file is corrupt or comes from a diverged "
+                    "training run: use an earlier checkpoint"
+                )
         with torch.no_grad():
             proj = {k.removeprefix("user_proj."): state[k] for k in expected if k.startswith("user_proj.")}
             self.user_proj.load_state_dict({k: v.to(self.user_proj.proj.weight.dtype) for k, v in proj.items()})
@@ -368,9 +443,9 @@ class PSAAdapter(nn.Module):
 
         When ``unet`` is given the adapter is checked against it (but not attached).
         """
-        path = Path(path)
+        spec, path = path, Path(path)
         if not path.exists():
-            raise FileNotFoundError(f"adapter path does not exist: {path}")
+            path = _download(spec)
         if path.is_dir() and (path / CONFIG_NAME).exists():
             config = PSAAdapterConfig.from_json_file(path / CONFIG_NAME)
             adapter = cls(config)

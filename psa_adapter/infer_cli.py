@@ -18,6 +18,7 @@ import io
 import json
 import os
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -192,35 +193,18 @@ def _users_module():
 
 
 def _encoder_for(adapter, adapter_path: str):
-    """The user encoder the adapter was trained with, from the ``encoder`` entry of its config (the embedding
-    store's metadata at training time); no entry means the offline default, "sentence" (all-MiniLM-L6-v2)."""
-    users = _users_module()
-    info = adapter.config.encoder or {}
-    encoder_id = str(info.get("encoder_id") or info.get("id") or "")
-    name = info.get("name")
-    if name is None:
-        if not encoder_id or "all-MiniLM-L6-v2" in encoder_id:
-            name = "sentence"
-        elif encoder_id.startswith("unknown"):
-            raise InferError(
-                f"the adapter {adapter_path} was trained on imported embeddings of unknown origin ({encoder_id!r}), "
-                "so a profile cannot be embedded for it: pass --embeds_folder with the user's <User_ID>.npy"
-            )
-        else:
-            name = "llm"
-    kwargs = {}
-    if name == "llm":
-        model, _, gguf_file = encoder_id.partition("::")
-        kwargs = {"model": model, "gguf_file": gguf_file or None}
-    try:
-        encoder = users.get_encoder(name, **kwargs)
-    except (ValueError, OSError, ImportError) as err:
-        raise InferError(f"cannot load the user encoder {name!r} ({encoder_id or 'default'}) that the adapter "
-                         f"{adapter_path} was trained with: {err}") from err
-    expected_hash = info.get("template_hash")
-    if expected_hash and encoder.info.get("template_hash") != expected_hash:
-        print(f"warning: the adapter {adapter_path} was trained with another statement template "
-              f"(hash {expected_hash}) than the encoder's ({encoder.info.get('template_hash')})", file=sys.stderr)
+    """The user encoder the adapter was trained with (``psa_adapter.loaders.user_encoder_for``)."""
+    _users_module()
+    from psa_adapter.loaders import UserEncoderError, user_encoder_for
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            encoder = user_encoder_for(adapter, adapter_path)
+        except UserEncoderError as err:
+            raise InferError(str(err)) from err
+    for warning in caught:  # one plain line each, not Python's file:line form
+        print(f"warning: {warning.message}", file=sys.stderr)
     return encoder
 
 

@@ -161,11 +161,12 @@ class PSA(Method):
         self.adapter = self._load_adapter(pipe, jobs)
 
     def _load_adapter(self, pipe, jobs: Sequence):
-        from psa_adapter.adapter import AdapterMismatchError, PSAAdapter
+        from psa_adapter.adapter import AdapterMismatchError
+        from psa_adapter.loaders import load_psa_adapter
 
         path = self.args.psa_path
         try:
-            adapter = PSAAdapter.from_pretrained(path, unet=pipe.unet)
+            adapter = load_psa_adapter(pipe, path, scale=self.args.psa_scale)
         except (AdapterMismatchError, FileNotFoundError, OSError, ValueError, KeyError) as err:
             message = str(err)
             raise MethodError(message if str(path) in message else f"PSA adapter {path}: {message}") from err
@@ -174,16 +175,13 @@ class PSA(Method):
                               f"{adapter.config.num_tokens} user tokens")
         self.users.load_presets(jobs, adapter, path)
         self.users.check_dim(adapter.config.embed_dim, path)
-        adapter.to(pipe.device).eval()
-        adapter.attach(pipe.unet)
-        adapter.set_scale(self.args.psa_scale)
         return adapter
 
     def generate(self, pipe, batch: Sequence, seeds: Sequence[int], **common) -> list:
         from psa_adapter.pipeline import generate
 
-        return generate(pipe, [job.prompt for job in batch], seeds, adapter=self.adapter,
-                        user_embeds=self.users.stack(batch), psa_uncond=self.args.psa_uncond, **common)
+        return generate(pipe, [job.prompt for job in batch], seeds, user_embeds=self.users.stack(batch),
+                        psa_uncond=self.args.psa_uncond, **common)
 
     def settings(self) -> dict:
         return {"method": self.name, "adapter": self.args.psa_path, "psa_scale": self.args.psa_scale,

@@ -1,10 +1,8 @@
-"""Image generation with a PSA adapter on a stock diffusers SD1.5 or SDXL pipeline.
+"""Image generation on a stock diffusers SD1.5 or SDXL pipeline, with or without a PSA adapter.
 
-The user tokens travel inside the text conditioning: we encode the prompts with the pipeline's own
-``encode_prompt``, append ``adapter.user_tokens(u)`` (B, K, D) to the conditional ``prompt_embeds`` (B, L, D) and
-``adapter.null_tokens(B)`` (``proj(0)``, as the reference does) to the unconditional ``negative_prompt_embeds``, and
-call the unmodified pipeline with those embeddings. Classifier-free guidance batching, schedulers, SDXL's pooled
-embeddings and time ids all stay diffusers' own code.
+``generate`` calls the pipeline's own ``__call__`` with per-image seeds; with a PSA adapter loaded
+(``psa_adapter.loaders.load_psa_adapter``) it also passes each prompt's user embedding. Classifier-free guidance
+batching, schedulers, SDXL's pooled embeddings and time ids all stay diffusers' own code.
 
 Seeds are per image: image ``i`` starts from the noise of ``torch.Generator("cpu").manual_seed(seeds[i])``, so an
 image does not depend on the batch it was generated in, on the number of processes, or on the device's RNG.
@@ -15,12 +13,9 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-
-from psa_adapter.adapter import PSAAdapter, is_sdxl_unet
 
 
 class ModelLoadError(RuntimeError):
@@ -84,67 +79,7 @@ def uses_cfg(pipe, guidance_scale: float) -> bool:
     return guidance_scale > 1 and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
 
 
-@dataclass
-class Conditioning:
-    """Text conditioning for one batch, in the form the stock pipelines accept.
-
-    ``prompt_embeds`` (B, L, D) and ``negative_prompt_embeds`` (B, L, D) or None without guidance; with an adapter
-    both are (B, L + K, D). SDXL also carries ``pooled_prompt_embeds`` and ``negative_pooled_prompt_embeds`` (B, P).
-    """
-
-    prompt_embeds: torch.Tensor
-    negative_prompt_embeds: torch.Tensor | None = None
-    pooled_prompt_embeds: torch.Tensor | None = None
-    negative_pooled_prompt_embeds: torch.Tensor | None = None
-
-    def pipeline_kwargs(self) -> dict[str, torch.Tensor]:
-        """Keyword arguments for ``pipe(...)``, leaving out what is None."""
-        fields = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
-        return {name: getattr(self, name) for name in fields if getattr(self, name) is not None}
-
-
-@torch.no_grad()
-def encode_conditioning(pipe, prompts: Sequence[str], negative_prompt: str | None = None,
-                        do_cfg: bool = True) -> Conditioning:
-    """Encode ``prompts`` (B strings) with the pipeline's own ``encode_prompt`` (SD1.5 or SDXL)."""
-    prompts = list(prompts)
-    negative = None if negative_prompt is None else [negative_prompt] * len(prompts)
-    device = pipe._execution_device
-    if is_sdxl_unet(pipe.unet):
-        embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
-            prompt=prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=do_cfg,
-            negative_prompt=negative,
-        )
-        return Conditioning(embeds, negative_embeds if do_cfg else None, pooled, negative_pooled if do_cfg else None)
-    embeds, negative_embeds = pipe.encode_prompt(
-        prompts, device, num_images_per_prompt=1, do_classifier_free_guidance=do_cfg, negative_prompt=negative
-    )
-    return Conditioning(embeds, negative_embeds if do_cfg else None)
-
-
 UNCOND_MODES = ("null", "off")
-
-
-@torch.no_grad()
-def add_user_tokens(cond: Conditioning, adapter: PSAAdapter, user_embeds: torch.Tensor,
-                    uncond: str = "null") -> Conditioning:
-    """Append the user tokens of ``user_embeds`` (B, E) to the conditional embeddings and, to the unconditional
-    ones, ``proj(0)`` (``uncond="null"``, the paper's and the reference's) or zero tokens (``uncond="off"``, a named
-    variant: the user branch of a zero token has zero keys and values, so the unconditional pass is exactly the
-    base model's): (B, L, D) -> (B, L + K, D). The adapter must already sit on the pipeline's device."""
-    if uncond not in UNCOND_MODES:
-        raise ValueError(f"uncond must be one of {UNCOND_MODES}, got {uncond!r}")
-    batch = cond.prompt_embeds.shape[0]
-    if user_embeds.ndim != 2 or user_embeds.shape[0] != batch:
-        raise ValueError(f"user_embeds must have shape ({batch}, E), one per prompt; got {tuple(user_embeds.shape)}")
-    weight = adapter.user_proj.proj.weight
-    tokens = adapter.user_tokens(user_embeds.to(device=weight.device, dtype=weight.dtype))
-    prompt_embeds = adapter.extend_hidden_states(cond.prompt_embeds, tokens.to(cond.prompt_embeds.device))
-    negative = cond.negative_prompt_embeds
-    if negative is not None:
-        null = adapter.null_tokens(batch) if uncond == "null" else torch.zeros_like(tokens)
-        negative = adapter.extend_hidden_states(negative, null.to(negative.device))
-    return replace(cond, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative)
 
 
 @torch.no_grad()
@@ -153,7 +88,6 @@ def generate(
     prompts: Sequence[str],
     seeds: Sequence[int],
     *,
-    adapter: PSAAdapter | None = None,
     user_embeds: torch.Tensor | None = None,
     psa_scale: float | Mapping[str, float] | None = None,
     psa_uncond: str = "null",
@@ -165,19 +99,18 @@ def generate(
     output_type: str = "pil",
     **pipe_kwargs,
 ):
-    """Generate one image per prompt, with or without a PSA adapter.
+    """Generate one image per prompt, with the pipeline's PSA adapter if one is loaded.
 
     Args:
-        pipe: a diffusers ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``.
+        pipe: a diffusers ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``, with or without a PSA
+            adapter (``load_psa_adapter(pipe, path)``).
         prompts: B captions.
         seeds: B integers; image ``i`` uses ``torch.Generator("cpu").manual_seed(seeds[i])``.
-        adapter: a ``PSAAdapter`` attached to ``pipe.unet`` (``adapter.attach(pipe.unet)``), or None for the base
-            model (then no adapter may be attached).
         user_embeds: (B, E) user embeddings, one row per prompt; required with an adapter, never zeros for a
-            missing user (the caller must fail instead).
-        psa_scale: if given, ``adapter.set_scale(psa_scale)`` before generating (a float or a per-block dict).
+            missing user (the caller must fail instead); an error without one.
+        psa_scale: the adapter's scale for this call only (a float or a per-block dict); None keeps its scale.
         psa_uncond: what the unconditional branch of guidance gets: ``"null"`` (``proj(0)``, the paper's) or
-            ``"off"`` (zero tokens: the adapter is off there; a named variant), see ``add_user_tokens``.
+            ``"off"`` (zero tokens: the adapter is off there; a named variant).
         negative_prompt: one negative prompt for every image (None: empty, diffusers' default).
         output_type: ``"pil"`` (list of B images), ``"np"`` ((B, H, W, 3) floats in [0, 1]) or ``"pt"``.
 
@@ -187,24 +120,25 @@ def generate(
     prompts = list(prompts)
     if len(seeds) != len(prompts):
         raise ValueError(f"need one seed per prompt: {len(prompts)} prompts, {len(seeds)} seeds")
-    do_cfg = uses_cfg(pipe, guidance_scale)
-    cond = encode_conditioning(pipe, prompts, negative_prompt, do_cfg)
-    if adapter is not None:
-        if user_embeds is None:
-            raise ValueError("an adapter needs user_embeds (B, E), one row per prompt")
-        if psa_scale is not None:
-            adapter.set_scale(psa_scale)
-        cond = add_user_tokens(cond, adapter, user_embeds, uncond=psa_uncond)
-    elif user_embeds is not None:
-        raise ValueError("user_embeds were given without an adapter")
+    if "adapter" in pipe_kwargs:
+        raise TypeError("generate() takes no adapter: load it onto the pipeline with load_psa_adapter(pipe, adapter) "
+                        "(a path or a PSAAdapter) and pass user_embeds")
+    psa = {}
+    if getattr(pipe, "psa_adapter", None) is not None:
+        psa = {"user_embeds": user_embeds, "psa_scale": psa_scale, "psa_uncond": psa_uncond}
+    elif user_embeds is not None or psa_scale is not None:
+        raise RuntimeError("user_embeds were given but no PSA adapter is loaded on this pipeline: call "
+                           "load_psa_adapter(pipe, path) first")
     result = pipe(
-        **cond.pipeline_kwargs(),
+        prompt=prompts,
+        negative_prompt=None if negative_prompt is None else [negative_prompt] * len(prompts),
         guidance_scale=guidance_scale,
         num_inference_steps=num_inference_steps,
         height=height,
         width=width,
         generator=make_generators(seeds),
         output_type=output_type,
+        **psa,
         **pipe_kwargs,
     )
     return result.images
@@ -212,11 +146,8 @@ def generate(
 
 __all__ = [
     "UNCOND_MODES",
-    "Conditioning",
     "ModelLoadError",
-    "add_user_tokens",
     "default_dtype",
-    "encode_conditioning",
     "generate",
     "load_pipeline",
     "make_generators",

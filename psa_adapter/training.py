@@ -65,9 +65,9 @@ class TrainableBranch(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
-    def policy_hidden_states(self, encoder_hidden_states: torch.Tensor, user_embeds: torch.Tensor | None):
-        """(N, S, D) text states (+ (N, E) user embeddings) -> the UNet's ``encoder_hidden_states``."""
-        return encoder_hidden_states
+    def unet_kwargs(self, user_embeds: torch.Tensor | None) -> dict:
+        """Extra keyword arguments of the UNet call for (N, E) user embeddings (none for a non-personal branch)."""
+        return {}
 
     def reference(self):
         """Context in which the UNet is exactly the frozen base model."""
@@ -81,7 +81,7 @@ class TrainableBranch(nn.Module):
 
 
 class PSABranch(TrainableBranch):
-    """The PSA adapter: user tokens appended to the text states, read by every cross-attention layer."""
+    """The PSA adapter: user tokens passed with every UNet call, read by every cross-attention layer."""
 
     personalised = True
 
@@ -94,9 +94,8 @@ class PSABranch(TrainableBranch):
         # With K = 1 the adapter freezes to_k_user (it cannot get a gradient); DDP must not wait for it.
         return self.adapter.trainable_parameters()
 
-    def policy_hidden_states(self, encoder_hidden_states, user_embeds):
-        tokens = self.adapter.user_tokens(user_embeds)
-        return self.adapter.extend_hidden_states(encoder_hidden_states, tokens)
+    def unet_kwargs(self, user_embeds):
+        return self.adapter.unet_kwargs(self.adapter.user_tokens(user_embeds))
 
     def reference(self):
         return self.adapter.scale_context(0.0)
@@ -196,12 +195,13 @@ class DPOModel(nn.Module):
     def forward(self, noisy_latents, timesteps, encoder_hidden_states, user_embeds=None, added_cond_kwargs=None):
         """(N, C, h, w) latents, (N,) timesteps, (N, S, D) text states, (N, E) user embeddings ->
         (policy prediction, reference prediction), each (N, C, h, w). N = 2B: chosen images then rejected."""
-        hidden = self.branch.policy_hidden_states(encoder_hidden_states, user_embeds)
+        extra = self.branch.unet_kwargs(user_embeds)
         # Reference first, without a graph, so its activations are freed before the policy pass builds one.
         with torch.no_grad(), self.branch.reference():
-            ref_pred = self.unet(noisy_latents, timesteps, hidden.detach(),
-                                 added_cond_kwargs=added_cond_kwargs).sample
-        policy_pred = self.unet(noisy_latents, timesteps, hidden, added_cond_kwargs=added_cond_kwargs).sample
+            ref_pred = self.unet(noisy_latents, timesteps, encoder_hidden_states,
+                                 added_cond_kwargs=added_cond_kwargs, **extra).sample
+        policy_pred = self.unet(noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
+                                **extra).sample
         return policy_pred, ref_pred
 
 
@@ -828,6 +828,7 @@ class ValidationSetup:
 
     @torch.no_grad()
     def run(self, pipe, branch: TrainableBranch, step: int, accelerator, output_dir: Path) -> Path:
+        from psa_adapter.loaders import load_psa_adapter
         from psa_adapter.pipeline import generate
 
         config = self.config
@@ -837,15 +838,13 @@ class ValidationSetup:
         columns, labels = [], []
         with accelerator.autocast():
             if isinstance(branch, PSABranch):
-                adapter = branch.adapter
+                load_psa_adapter(pipe, branch.adapter)  # already on pipe.unet: gives the pipeline the PSA verbs
                 n = len(self.prompts)
-                with adapter.scale_context(0.0):
-                    columns.append(generate(pipe, self.prompts, seeds, adapter=adapter,
-                                            user_embeds=self.user_embeds[:1].expand(n, -1), **kwargs))
+                columns.append(generate(pipe, self.prompts, seeds, user_embeds=self.user_embeds[:1].expand(n, -1),
+                                        psa_scale=0.0, **kwargs))
                 labels.append("base")
                 for label, embeds in zip(self.labels, self.user_embeds):
-                    columns.append(generate(pipe, self.prompts, seeds, adapter=adapter,
-                                            user_embeds=embeds.expand(n, -1), **kwargs))
+                    columns.append(generate(pipe, self.prompts, seeds, user_embeds=embeds.expand(n, -1), **kwargs))
                     labels.append(label)
             else:
                 with branch.reference():

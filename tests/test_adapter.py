@@ -5,6 +5,7 @@ import torch
 
 from psa_adapter import AdapterMismatchError, PSAAdapter
 from psa_adapter.adapter import cross_attention_layers
+from psa_adapter.attention import MissingUserTokensError
 from psa_adapter.reference import reference_state_dict
 from psa_adapter.testing import tiny_sd15_pipeline, tiny_sdxl_pipeline
 
@@ -41,7 +42,7 @@ def run(unet, adapter, users, seed=0):
     with torch.no_grad():
         if adapter is None:
             return unet(latents, t, text, **kwargs).sample
-        return unet(latents, t, adapter.extend_hidden_states(text, adapter.user_tokens(users)), **kwargs).sample
+        return unet(latents, t, text, **adapter.unet_kwargs(adapter.user_tokens(users)), **kwargs).sample
 
 
 def test_zero_init_and_scale_zero_are_bit_identical_to_base(unet):
@@ -108,10 +109,10 @@ def test_k_greater_than_one_uses_every_token(unet):
         latents, t, text, kwargs = unet_inputs(unet)
         tokens = adapter.user_tokens(torch.randn(2, E))
         with torch.no_grad():
-            a = unet(latents, t, adapter.extend_hidden_states(text, tokens), **kwargs).sample
+            a = unet(latents, t, text, **adapter.unet_kwargs(tokens), **kwargs).sample
             tokens2 = tokens.clone()
             tokens2[:, 2] += 1.0  # change only the last user token
-            b = unet(latents, t, adapter.extend_hidden_states(text, tokens2), **kwargs).sample
+            b = unet(latents, t, text, **adapter.unet_kwargs(tokens2), **kwargs).sample
         assert (a - b).abs().max() > 1e-4
     finally:
         adapter.detach()
@@ -204,21 +205,36 @@ def test_bad_reference_keys_and_mismatch_errors(unet, tmp_path):
         PSAAdapter.from_pretrained(tmp_path / "nope", unet=unet)
 
 
-def test_missing_user_tokens_is_an_error(unet):
+def test_missing_or_misbatched_user_tokens_is_an_error(unet):
     adapter = PSAAdapter.for_unet(unet, embed_dim=E).attach(unet)
     try:
         latents, t, text, kwargs = unet_inputs(unet)
-        with pytest.raises(ValueError, match="no user tokens"):
-            unet(latents, t, text[:, :1], **kwargs)
+        with pytest.raises(MissingUserTokensError, match="no user tokens.*user_embeds"):
+            unet(latents, t, text, **kwargs)
+        adapter.set_scale(0.0)  # even where the branch would add nothing: the call is wrong
+        with pytest.raises(MissingUserTokensError, match="no user tokens"):
+            unet(latents, t, text, **kwargs)
+        tokens = adapter.user_tokens(torch.randn(1, E))  # one row for a batch of two
+        with pytest.raises(MissingUserTokensError, match=r"shape \(2, 1, D\).*classifier-free guidance"):
+            unet(latents, t, text, **adapter.unet_kwargs(tokens), **kwargs)
     finally:
         adapter.detach()
 
 
-def test_unet_parameters_untouched_by_attach(unet):
+def test_attach_adds_only_the_adapter_to_the_unet_and_detach_restores_it(unet):
     before = {k: v.clone() for k, v in unet.state_dict().items()}
+    processors = unet.attn_processors
     adapter = PSAAdapter.for_unet(unet, embed_dim=E).attach(unet)
-    assert set(unet.state_dict()) == set(before)
+    after = unet.state_dict()
+    # Processors are modules: the adapter's weights show in the UNet's state dict (and follow unet.to()).
+    added = sorted(set(after) - set(before))
+    assert set(before) <= set(after)
+    assert len(added) == 2 * len(adapter.config.layers)
+    assert all(".processor.branch.to_" in k for k in added)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
     adapter.detach()
+    assert list(unet.state_dict()) == list(before)
+    assert all(unet.attn_processors[n] is p for n, p in processors.items())
 
 
 def test_attached_adapter_does_not_own_the_unet(unet):
@@ -245,3 +261,97 @@ def test_standardize_variant_roundtrips_and_separates_near_parallel_users(unet, 
     assert torch.equal(loaded.null_tokens(2), adapter.null_tokens(2))
     with pytest.raises(ValueError, match="embed_norm"):
         PSAAdapter.for_unet(unet, embed_dim=E).fit_embedding_norm(users)
+
+
+# The published UNet configuration of stabilityai/stable-diffusion-xl-base-1.0 (unet/config.json), written out so
+# that no download is needed; the UNet is built on the meta device (no weights, no memory).
+SDXL_BASE_UNET_CONFIG = {
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False,
+    "class_embed_type": None,
+    "class_embeddings_concat": False,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "cross_attention_dim": 2048,
+    "cross_attention_norm": None,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "dual_cross_attention": False,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_only_cross_attention": None,
+    "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "num_attention_heads": None,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,
+    "resnet_out_scale_factor": 1.0,
+    "resnet_skip_time_act": False,
+    "resnet_time_scale_shift": "default",
+    "sample_size": 128,
+    "time_cond_proj_dim": None,
+    "time_embedding_act_fn": None,
+    "time_embedding_dim": None,
+    "time_embedding_type": "positional",
+    "timestep_post_act": None,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "upcast_attention": None,
+    "use_linear_projection": True,
+}
+
+
+def test_sdxl_layout_counts_on_the_published_config():
+    """SDXL base: 70 cross-attention layers whose widths H sum to 83,200 (SPEC section 2); ~348 M parameters at
+    E = 3584, K = 1, of which the user projection is 3584 * 2048 + 2048 + 2 * 2048."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(SDXL_BASE_UNET_CONFIG)
+        adapter = PSAAdapter.for_unet(unet, embed_dim=3584)
+    assert adapter.config.base_family == "sdxl" and adapter.config.cross_attention_dim == 2048
+    assert len(adapter.config.layers) == 70
+    assert sum(adapter.config.layers.values()) == 83200
+    proj = sum(p.numel() for p in adapter.user_proj.parameters())
+    assert proj == 3584 * 2048 + 2048 + 2 * 2048
+    total = sum(p.numel() for p in adapter.parameters())
+    assert total == proj + 2 * 2048 * 83200  # to_k_user and to_v_user: (H, D) each, no bias
+    assert abs(total - 348e6) < 0.5e6
+
+
+def test_per_block_scale_in_the_ip_adapter_format(unet):
+    """``{"down": {"block_<i>": [per attention module]}, "up": {"block_<i>": float}}`` as set_ip_adapter_scale."""
+    adapter = PSAAdapter.for_unet(unet, embed_dim=E).attach(unet)
+    try:
+        layers = list(adapter.config.layers)
+        down_block = next(n for n in layers if n.startswith("down_blocks.")).split(".")[1]
+        up_block = next(n for n in layers if n.startswith("up_blocks.")).split(".")[1]
+        adapter.set_scale({"down": {f"block_{down_block}": [0.25, 0.75]}, "up": {f"block_{up_block}": 0.5}})
+        for name, value in adapter.layer_scales().items():
+            parts = name.split(".")
+            if parts[0] == "down_blocks" and parts[1] == down_block:
+                expected = [0.25, 0.75][int(parts[3])]  # down_blocks.<i>.attentions.<j>...
+            elif parts[0] == "up_blocks" and parts[1] == up_block:
+                expected = 0.5
+            else:
+                expected = 0.0
+            assert value == expected, name
+        assert {p.scale for p in adapter._processors.values()} == set(adapter.layer_scales().values())
+        with pytest.raises(ValueError, match="block keys look like 'block_0'"):
+            adapter.set_scale({"down": {"first": 1.0}})
+    finally:
+        adapter.detach()

@@ -247,6 +247,11 @@ def test_sage_records_embedded_at_generation_time_equal_the_users_cli(assets, lm
         assert np.array_equal(_pixels(out / e["file"]), pixels)
     # Different users, different images (the adapter reads the embeddings).
     assert np.abs(before[0] - before[1]).max() > 0
+    # The store is an ordinary embedding store: as --embeds_folder it gives the same images.
+    assert main(["--sd_model", assets["sd15"], *SMALL, "--psa_path", assets["psa"], "--embeds_folder", store_path,
+                 "--meta_data", assets["meta"], "--save_path", tmp_path / "pre"]) == 0
+    for e, pixels in zip(entries, before):
+        assert np.array_equal(_pixels(tmp_path / "pre" / e["file"]), pixels)
 
 
 @pytest.mark.slow

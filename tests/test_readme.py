@@ -7,6 +7,7 @@ way it is exercised here.
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -269,7 +270,8 @@ def exercise_judge(argv: list[str], ws: Path) -> None:
     for flag in ("--images", "--images-a", "--images-b"):
         if flag in opts:
             folder = ws / opts[flag]
-            folder.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(folder, ignore_errors=True)  # other README examples write into the same folders
+            folder.mkdir(parents=True)
             for k, name in enumerate(names):
                 Image.new("RGB", (8, 8), (200, 0, 50) if k % 2 else (0, 0, 200)).save(folder / name)
     if argv[3] == "summarize":
@@ -346,7 +348,8 @@ def exercise_metrics(argv: list[str], ws: Path, upstream: Path | None) -> None:
         names = [f"user_0000001_violence_concept_{i:05d}_u.jpg" for i in range(3)]
     for flag, shift in (("--images", 0), ("--reference", 60)):
         if flag in opts:
-            (ws / opts[flag]).mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(ws / opts[flag], ignore_errors=True)  # other README examples write into the same folders
+            (ws / opts[flag]).mkdir(parents=True)
             for k, name in enumerate(names):
                 Image.new("RGB", (64 + 16 * k, 48), (40 * k + shift, 90, 200 - shift)).save(ws / opts[flag] / name)
     if "--q16-prompts" in opts:
@@ -370,17 +373,27 @@ def test_readme_command(command, workspace):
     exercise(command, workspace, shared if shared.is_dir() else None)
 
 
-def test_readme_python_snippet(workspace, tmp_path, monkeypatch):
-    """The adapter example runs as written, given a pipeline, user embeddings and text embeddings."""
-    from psa_adapter import PSAAdapter
-    from psa_adapter.reference import reference_state_dict
-    from psa_adapter.testing import tiny_sd15_pipeline
+def test_readme_python_snippets(workspace, tmp_path, monkeypatch):
+    """The adapter examples run as written: load, generate for a user (embedding, level, one-call options), set
+    scale, unload (the base pipeline again); then the training-side UNet call."""
+    from psa_adapter.users import EmbeddingStore
 
-    pipe = tiny_sd15_pipeline()
-    snippet = readme_blocks("python")[0].replace("embed_dim=384", "embed_dim=16")
+    pipeline_block, training_block = readme_blocks("python")[:2]
+    uid = EmbeddingStore.open(workspace / "embeddings.safetensors").user_ids[0]
+    for old, new in (("runwayml/stable-diffusion-v1-5", workspace / "sd15"),
+                     ("trained_models/psa-sd15", workspace / "adapter_sd15"),
+                     ("path/to/embeddings/0000001.npy", workspace / "npy" / f"{uid}.npy")):
+        assert old in pipeline_block
+        pipeline_block = pipeline_block.replace(old, str(new))
     monkeypatch.chdir(tmp_path)
-    torch.save(reference_state_dict(PSAAdapter.for_unet(pipe.unet, embed_dim=16)), tmp_path / "psa_adapter.bin")
-    namespace = {"pipe": pipe, "user_embeds": torch.randn(2, 16), "text_embeds": torch.randn(2, 77, 32)}
-    exec(compile(snippet, "README.md", "exec"), namespace)  # noqa: S102 - our own README
-    assert namespace["states"].shape == (2, 78, 32)
+    namespace = {}
+    exec(compile(pipeline_block, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    pipe = namespace["pipe"]
+    assert type(pipe).__name__ == "StableDiffusionPipeline" and not hasattr(pipe, "psa_adapter")
+    assert namespace["image"].size == (32, 32)
+
+    namespace = {"pipe": pipe, "user_embeds": torch.randn(2, 384), "text_embeds": torch.randn(2, 77, 32),
+                 "latents": torch.randn(2, 4, 16, 16), "t": 10}
+    exec(compile(training_block, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    assert namespace["noise_pred"].shape == (2, 4, 16, 16)
     assert (tmp_path / "my_adapter" / "config.json").exists()

@@ -24,11 +24,15 @@ def _levels_file(path: str | os.PathLike | None) -> Path:
 def _read_levels(path: str | os.PathLike | None) -> tuple[Path, dict]:
     import yaml
 
+    from psa_adapter.utils import read_utf8, yaml_error_message
+
     path = _levels_file(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(read_utf8(path))
     except FileNotFoundError:
         raise FileNotFoundError(f"levels file not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise ProfileError(yaml_error_message(path, err)) from None
     if not isinstance(data, dict) or not data:
         raise ProfileError(f"{path}: expected a mapping of level names (L0, L1, ...) to profiles")
     return path, {str(k): v for k, v in data.items()}

@@ -60,7 +60,7 @@ KILLS = [
     ("during the write of checkpoint-4 (optimizer.bin half written)",
      "torn:torch:save:.tmp-checkpoint-4/optimizer.bin", 2, [2]),
     ("right after checkpoint-4 was written", "return:psa_adapter.training:save_checkpoint:1", 2, [2, 4]),
-    ("while checkpoint-2 is deleted by rotation (after checkpoint-6)", "call:shutil:rmtree:1", 4, [4, 6]),
+    ("in rotation after checkpoint-6: checkpoint-2 renamed, not yet deleted", "call:shutil:rmtree:1", 4, [4, 6]),
     ("during the final save (psa_adapter.safetensors half written)",
      "torn:safetensors.torch:save_file:psa_adapter.safetensors", 6, [4, 6]),
 ]

@@ -172,3 +172,18 @@ def test_a_q16_prompts_p_with_a_pickled_callable_is_refused_and_never_runs(works
     with pytest.raises(MetricInputError, match="prompts.p"):
         load_q16_prompts(evil, cache_dir=tmp_path / "cache")
     assert not marker.exists()
+
+
+def test_a_legacy_unet_weights_file_with_a_pickled_callable_is_refused_and_never_runs(workspace, tmp_path):
+    from corpus import _needs_unet_weights_flag
+
+    _needs_unet_weights_flag()
+    marker = tmp_path / "the_callable_ran"
+    evil = tmp_path / "esd_unet.bin"
+    torch.save({"state_dict": {"conv_in.weight": Planted(marker)}}, evil)
+    outcome = run_case("infer", ["--sd_model", workspace / "sd15", "--prompt", "a cat", "--method", "esd",
+                                 "--unet_weights", evil, "--save_path", tmp_path / "out", "--steps", "1",
+                                 "--height", "32", "--width", "32"])
+    assert outcome.raised is None and outcome.code == 1
+    assert str(evil) in outcome.message
+    assert not marker.exists(), "the pickled callable ran"
