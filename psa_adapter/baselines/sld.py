@@ -182,8 +182,10 @@ def generate_sld(pipe, prompts: Sequence[str], seeds: Sequence[int], preset: SLD
                  negative_prompt: str | None = None, guidance_scale: float = 7.5, num_inference_steps: int = 50,
                  height: int | None = None, width: int | None = None, output_type: str = "pil", **pipe_kwargs):
     """Our SLD on a stock SD1.5 or SDXL pipeline (``pipeline.generate`` with the safety hook on its UNet)."""
+    import torch
+
     from psa_adapter.adapter import is_sdxl_unet
-    from psa_adapter.pipeline import encode_conditioning, generate, uses_cfg
+    from psa_adapter.pipeline import generate, uses_cfg
 
     prompts = list(prompts)
     common = dict(negative_prompt=negative_prompt, guidance_scale=guidance_scale,
@@ -191,9 +193,14 @@ def generate_sld(pipe, prompts: Sequence[str], seeds: Sequence[int], preset: SLD
                   **pipe_kwargs)
     if preset.guidance_scale <= 1 or not uses_cfg(pipe, guidance_scale):  # diffusers' rule: SLD needs CFG
         return generate(pipe, prompts, seeds, **common)
-    cond = encode_conditioning(pipe, [concept] * len(prompts), None, do_cfg=False)
-    hook = SafetyGuidance(preset, cond.prompt_embeds,
-                          cond.pooled_prompt_embeds if is_sdxl_unet(pipe.unet) else None)
+    concepts, device = [concept] * len(prompts), pipe._execution_device
+    with torch.no_grad():  # the concept's text conditioning, with the pipeline's own encoder(s)
+        if is_sdxl_unet(pipe.unet):
+            embeds, _, pooled, _ = pipe.encode_prompt(prompt=concepts, device=device, num_images_per_prompt=1,
+                                                      do_classifier_free_guidance=False)
+        else:
+            (embeds, _), pooled = pipe.encode_prompt(concepts, device, 1, False), None
+    hook = SafetyGuidance(preset, embeds, pooled)
     handle = pipe.unet.register_forward_hook(hook, with_kwargs=True)
     try:
         return generate(pipe, prompts, seeds, **common)
