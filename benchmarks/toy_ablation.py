@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 FAITHFUL_CONFIG = REPO / "configs" / "toy_psa_faithful.yaml"
 sys.path.insert(0, str(REPO))
 
+from psa_adapter.toyworld.demo import METHODS as DEMO_METHODS  # noqa: E402
 from psa_adapter.utils import atomic_write_text  # noqa: E402
 
 # name -> (what changes, train.py flags on top of configs/toy_psa_faithful.yaml[, extra demo flags]). The first is
@@ -113,7 +114,8 @@ def table(demo: dict, rows: dict[str, dict]) -> str:
     """Markdown: baselines from the demo, then one row per variant (PSA's figures), IP at L0..L5, train time."""
     head = ["variant", "change"] + [c for c, _ in COLUMNS] + ["IP L0..L5", "train s"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    for method in ("base", "safetydpo", "prompt"):
+    # The demo's baseline rows (SLD at each preset and the instruction variant where the demo ran them).
+    for method in [m for m in DEMO_METHODS if m != "psa" and (m in ("base", "safetydpo", "prompt") or m in demo)]:
         r = demo.get(method, {})
         cells = [_fmt(r.get(k)) for _, k in COLUMNS] + [_fmt(r.get("ip")), "-"]
         lines.append(f"| {method} | baseline | " + " | ".join(cells) + " |")

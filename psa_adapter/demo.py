@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local
 
 
 def main(argv: list[str] | None = None) -> int:
-    from psa_adapter.toyworld.demo import DemoError, DemoSettings, run_demo
+    from psa_adapter.toyworld.demo import METHODS, DemoError, DemoSettings, run_demo
 
     parser = argparse.ArgumentParser(prog="python -m psa_adapter.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extra-train-users", type=int, default=0,
                         help="training users beyond the demo's 60, drawn after the evaluation users so that those "
                              "stay the same (a named variant: a larger training population; default 0)")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated rows to run (default all): " + ",".join(METHODS))
     args = parser.parse_args(argv)
     if args.extra_train_users < 0:
         parser.error(f"--extra-train-users must be >= 0, got {args.extra_train_users}")
@@ -61,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.reuse is not None:
         settings.reuse = args.reuse.resolve()
         settings.methods = ("psa",)
+    if args.methods:
+        methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            parser.error(f"--methods: unknown {', '.join(unknown)}; known: {', '.join(METHODS)}")
+        settings.methods = tuple(m for m in METHODS if m in methods)
     try:
         run_demo(settings)
     except (DemoError, FileNotFoundError) as err:

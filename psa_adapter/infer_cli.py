@@ -28,7 +28,8 @@ MANIFEST_NAME = "manifest.jsonl"
 CONFIG_NAME = "resolved_config.yaml"
 # Settings recorded per image; a resumed image made with other values is reported.
 _SETTING_KEYS = ("prompt", "user", "seed", "method", "psa_scale", "psa_uncond", "guidance", "steps", "model",
-                 "adapter", "lora", "negative_prompt")
+                 "adapter", "lora", "negative_prompt", "sld_preset", "sld_concept", "unet_weights", "prompt_mode",
+                 "method_prompt", "method_negative_prompt")
 
 
 class InferError(Exception):
@@ -446,11 +447,12 @@ def build_parser() -> argparse.ArgumentParser:
     usr.add_argument("--level", help="strictness preset L0 (bans nothing) .. L5 (bans all seven categories)")
     usr.add_argument("--profile", help="a user profile file, embedded with the adapter's encoder")
 
-    from psa_adapter.methods import method_names
+    from psa_adapter.methods import add_method_arguments, method_names
 
     parser.add_argument("--method", choices=method_names(), default=None,
                         help="generation method (default: psa when --psa_path is given, otherwise base); every method "
                              "gets the same prompts, seeds, steps, guidance and negative prompt")
+    add_method_arguments(parser)  # each method's own flags (psa_adapter.methods, psa_adapter.baselines)
 
     model = parser.add_argument_group("model")
     model.add_argument("--sd_model", default="runwayml/stable-diffusion-v1-5",
@@ -482,7 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     psa.add_argument("--policy", choices=("llm", "rules"), default=None,
                      help="with --llm_model: who decides the banned categories of a profile that has no banned list: "
                           "llm (default, the reference's: the same LM) or rules (deterministic)")
-    psa.add_argument("--users_csv", help="with --llm_model: a users table (reference users.csv format) with the "
+    psa.add_argument("--users_csv", help="a users table (reference users.csv format): with --method prompt, the "
+                                         "banned lists of User_IDs; with --llm_model: a users table with the "
                                          "profiles of user_id columns and --user_id")
     psa.add_argument("--llm_ban_prompt_file", help="with --llm_model and --policy llm: the policy prompt template "
                                                    "(default: the packaged policy_prompt.txt)")
@@ -518,7 +521,8 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         parser.error("--limit must be >= 0")
     if args.num_images != 1 and not args.prompt:
         parser.error("--num_images applies to --prompt only")
-    llm_only = [f for f in ("policy", "users_csv", "llm_ban_prompt_file", "llm_emb_prompt_file") if getattr(args, f)]
+    llm_only = [f for f in ("policy", "users_csv", "llm_ban_prompt_file", "llm_emb_prompt_file") if getattr(args, f)
+                and not (f == "users_csv" and args.method == "prompt")]  # --method prompt reads banned lists there
     if llm_only and not args.llm_model:
         parser.error(f"--{llm_only[0]} applies with --llm_model only")
     if args.llm_model:
@@ -610,7 +614,7 @@ def run(args: argparse.Namespace) -> dict:
     rank, world = state.process_index, state.num_processes
     if renamed and state.is_main_process:
         print(f"note: {renamed} repeated file names got a _<k> suffix", file=sys.stderr)
-    if not method.needs_user and state.is_main_process and any(j.user for j in jobs):
+    if not (method.needs_user or method.uses_user) and state.is_main_process and any(j.user for j in jobs):
         print(f"note: --method {method.name} does not use users: they are recorded in the manifest only",
               file=sys.stderr)
 
@@ -625,6 +629,7 @@ def run(args: argparse.Namespace) -> dict:
             "seed": job_seed(job), **method_settings,
             "guidance": args.guidance, "steps": args.steps, "model": args.sd_model,
             "negative_prompt": job.negative_prompt, **(users.record(job) if users else {}),
+            **method.job_settings(job),
         }
 
     my_jobs = jobs[rank::world]
@@ -653,6 +658,7 @@ def run(args: argparse.Namespace) -> dict:
             method.prepare(pipe, jobs, users)
         except MethodError as err:
             raise InferError(str(err)) from err
+        method_settings.update(method.settings())  # what prepare resolved (e.g. which implementation runs)
 
         bar = tqdm(total=len(my_jobs), initial=len(my_jobs) - len(todo), unit="img", disable=not state.is_main_process,
                    desc=f"generating (process 0 of {world})" if world > 1 else "generating")

@@ -6,7 +6,10 @@ seeds, steps, guidance and negative prompt from the caller (``infer_cli.run``); 
 its own flags, checked in ``validate`` (before the model loads) and recorded per image by ``settings``.
 
 Add a method by subclassing ``Method`` and decorating it with ``@register``; ``infer.py`` and the evaluation
-driver find it by name.
+driver find it by name. A method declares its own command-line flags in ``add_arguments`` (``infer.py`` calls it
+for every registered method) and lists them in ``flags``: a flag of another method given to this one is an error,
+never silently ignored. The baselines (SafetyDPO, SLD, ESD-u, UCE, prompt-based safety) live in
+``psa_adapter.baselines`` and are registered when this module is imported.
 """
 
 from __future__ import annotations
@@ -42,19 +45,59 @@ def get_method(name: str) -> type[Method]:
         raise MethodError(f"unknown method {name!r}; known methods: {', '.join(method_names())}") from None
 
 
+def add_method_arguments(parser: argparse.ArgumentParser) -> None:
+    """Let every registered method add its own flags to ``parser`` (a hook shared by several methods runs once)."""
+    seen = set()
+    for name in method_names():
+        hook = METHODS[name].add_arguments
+        key = getattr(hook, "__func__", hook)
+        if key not in seen:
+            seen.add(key)
+            hook(parser)
+
+
 class Method:
     """One way of generating images, configured by the parsed ``infer.py`` flags ``args``.
 
     Life cycle (``infer_cli.run``): ``validate(jobs)`` before any model loads; ``prepare(pipe, jobs, users)`` once
     after the pipeline loads (``users``: the jobs' ``infer_cli.UserEmbeddings`` when ``needs_user``, else None);
-    ``generate(pipe, batch, seeds, **common)`` per batch; ``settings()`` into every manifest entry.
+    ``generate(pipe, batch, seeds, **common)`` per batch; ``settings()`` into every manifest entry, plus
+    ``job_settings(job)`` for what differs per image (e.g. the prompt a method actually used).
     """
 
     name: ClassVar[str]
-    needs_user: ClassVar[bool] = False  # every prompt must carry a user (an embedding or a profile)
+    needs_user: ClassVar[bool] = False  # every prompt must carry a user embedding (an id, level or profile)
+    # The method reads each prompt's user (needs_user implies it; the prompt baseline reads banned lists): the
+    # evaluation driver runs such a method per level and per user.
+    uses_user: ClassVar[bool] = False
+    # This method's own flags (argparse dests, default None); given to another method they are an error.
+    flags: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.needs_user:
+            cls.uses_user = True
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
+        self._check_foreign_flags()
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Add this method's flags to the ``infer.py`` parser (default None, so that a flag given to another
+        method can be told from one left out)."""
+
+    def _check_foreign_flags(self) -> None:
+        own = set(self.flags)
+        for other in METHODS.values():
+            for flag in other.flags:
+                if flag not in own and getattr(self.args, flag, None) is not None:
+                    owners = sorted(m.name for m in METHODS.values() if flag in m.flags)
+                    raise MethodError(f"--{flag} applies to --method {' / '.join(owners)}, not --method {self.name}")
+
+    def job_settings(self, job) -> dict:
+        """Settings of one image that are particular to this method (recorded in its manifest entry)."""
+        return {}
 
     def validate(self, jobs: Sequence) -> None:
         """Check the method's flags and inputs; raise ``MethodError`` naming the flag or the file."""
@@ -75,18 +118,12 @@ class Method:
 
 
 def _lora(pipe, path: str | None) -> None:
-    from pathlib import Path
-
+    """Load the LoRA of ``--lora_path`` (checked against the pipeline first; see ``baselines.lora``)."""
     if not path:
         return
-    if not Path(path).exists():
-        raise MethodError(f"--lora_path not found: {path}")
-    try:
-        pipe.load_lora_weights(path)
-    except Exception as err:  # noqa: BLE001 - diffusers/peft/safetensors raise many types; one message, no traceback
-        detail = str(err).strip().splitlines()
-        raise MethodError(f"--lora_path {path}: not a LoRA for this model ({type(err).__name__}: "
-                          f"{' '.join(line.strip() for line in detail[:2])[:400]})") from err
+    from psa_adapter.baselines.lora import load_lora
+
+    load_lora(pipe, path)
 
 
 @register
@@ -151,4 +188,7 @@ class PSA(Method):
                 "psa_uncond": self.args.psa_uncond, "lora": self.args.lora_path}
 
 
-__all__ = ["METHODS", "Method", "MethodError", "get_method", "method_names", "register"]
+# The baselines register themselves on import (they import Method and register from this module).
+from psa_adapter import baselines  # noqa: E402, F401
+
+__all__ = ["METHODS", "Method", "MethodError", "add_method_arguments", "get_method", "method_names", "register"]

@@ -117,6 +117,10 @@ def exercise(command: str, ws: Path, upstream: Path | None) -> None:
     elif "infer.py" in argv and "--llm_model" in argv:
         exercise_llm_infer(argv, ws)
     elif "infer.py" in argv:
+        if "--lora_path" in argv:
+            ensure_safetydpo_lora(ws)
+        if "--unet_weights" in argv:
+            write_unet_weights(ws / argv[argv.index("--unet_weights") + 1], ws)
         run([sys.executable if a == "python" else a for a in argv] + SMALL_INFER, ws)
         assert any(ws.glob("outputs/*/manifest.jsonl"))
     elif argv[:3] == ["python", "-m", "psa_adapter.data.synthetic"]:
@@ -131,6 +135,8 @@ def exercise(command: str, ws: Path, upstream: Path | None) -> None:
                                                                       "outputs/launch/embeddings") for a in argv]
         run(["bash"] + argv + SMALL_TRAIN, ws)
         assert (ws / "outputs/psa_sd15/resolved_config.yaml").exists()
+    elif argv[0].startswith("launchers/train_safetydpo"):
+        run_safetydpo_launcher(argv, ws)
     elif argv[:4] == ["python", "-m", "psa_adapter.data", "validate"]:
         if upstream is None:
             pytest.skip("the validate example reads the reference SAGE metadata in ../shared")
@@ -155,6 +161,34 @@ def exercise(command: str, ws: Path, upstream: Path | None) -> None:
         exercise_metrics(argv, ws, upstream)
     else:
         pytest.fail(f"README command not exercised by any test: {command}")
+
+
+SAFETYDPO_LAUNCH = "launchers/train_safetydpo_sd15.sh --sd_model outputs/launch/sd15 --train_data_dir data/sage"
+
+
+def run_safetydpo_launcher(argv: list[str], ws: Path) -> None:
+    """The SafetyDPO launcher on the synthetic tiny model and SAGE split; it writes a diffusers-format LoRA."""
+    if not (ws / "outputs/launch/sage").exists():
+        run([sys.executable, "-m", "psa_adapter.data.synthetic", "--out", "outputs/launch"], ws)
+    argv = [a.replace("data/sage", "outputs/launch/sage") for a in argv]
+    run(["bash"] + argv + SMALL_TRAIN, ws)
+    assert (ws / "outputs/safetydpo_sd15/pytorch_lora_weights.safetensors").is_file()
+
+
+def ensure_safetydpo_lora(ws: Path) -> None:
+    if not (ws / "outputs/safetydpo_sd15/pytorch_lora_weights.safetensors").is_file():
+        run_safetydpo_launcher(shlex.split(SAFETYDPO_LAUNCH), ws)
+
+
+def write_unet_weights(path: Path, ws: Path) -> None:
+    """Stand-in ESD-u / UCE weights: the tiny model's own UNet with one projection changed."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    state = UNet2DConditionModel.from_pretrained(ws / "sd15", subfolder="unet").state_dict()
+    key = next(k for k in state if k.endswith("attn2.to_v.weight"))
+    state[key] = state[key] * 2
+    save_file({k: v.contiguous() for k, v in state.items()}, path)
 
 
 def exercise_app(argv: list[str], ws: Path) -> None:

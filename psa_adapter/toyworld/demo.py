@@ -6,9 +6,12 @@ Stages (each skipped when its output already exists, so an interrupted demo resu
    strictness levels' users (a separate store: level ids such as ``0000002`` also name toy users).
 2. ``train``: the PSA adapter (``configs/toy_psa.yaml``) and the SafetyDPO-style baseline
    (``configs/toy_safetydpo.yaml``: the same trainer and loss, non-personalised, a LoRA), each by ``train.py``.
-3. ``generate``: ``infer.py`` for base, safetydpo, the prompt-based baseline (the user's banned concept words as
-   a per-row negative prompt) and psa: seen/unseen users' harmful and safe captions, the benign set, the unsafe
-   set, and for psa the unsafe set per level L0..L5. Every method uses the same seed for the same image.
+3. ``generate``: ``infer.py --method NAME`` for base, safetydpo, SLD at each published preset (``sld_weak`` ..
+   ``sld_max``; the safety concept is one concept word per category, the toy text encoder's only trained words),
+   the prompt-based baselines (``prompt``: the user's banned concept words as the negative prompt; and
+   ``prompt_instruction``: appended to the caption) and psa: seen/unseen users' harmful and safe captions, the
+   benign set, the non-personalised methods' unsafe set, and for psa the unsafe set per level L0..L5. Every method
+   uses the same seed for the same image. ESD-u and UCE are not run here: they need their own training code.
 4. ``evaluate``: the evaluation package with the toy judge as its backend (``toyworld.eval_backends``: InPro,
    FID, CLIPScore's and the LLM judge's roles) -> per-image records and summaries under ``<out>/eval``,
    ``results.json`` (figures per method, each with its 95% bootstrap interval ``<key>_ci``), a printed table,
@@ -38,8 +41,15 @@ import numpy as np
 from psa_adapter.utils import atomic_write, atomic_write_text, image_grid
 
 REPO = Path(__file__).resolve().parents[2]
-METHODS = ("base", "safetydpo", "prompt", "psa")
-LABELS = {"base": "base", "safetydpo": "SafetyDPO", "prompt": "prompt-based", "psa": "PSA"}
+SLD_ROWS = ("sld_weak", "sld_medium", "sld_strong", "sld_max")  # --method sld --sld_preset <suffix>
+PROMPT_ROWS = {"prompt": "negative", "prompt_instruction": "instruction"}  # --method prompt --prompt_mode <value>
+NON_PERSONALISED = ("base", "safetydpo", *SLD_ROWS)  # one image per caption whoever asks: they also get the unsafe set
+METHODS = (*NON_PERSONALISED, *PROMPT_ROWS, "psa")
+LABELS = {"base": "base", "safetydpo": "SafetyDPO", **{m: f"SLD {m[4:].capitalize()}" for m in SLD_ROWS},
+          "prompt": "prompt-based", "prompt_instruction": "prompt-based (instruction)", "psa": "PSA"}
+# The toy instruction: the toy vocabulary has no negation word, so "no" is spelled letter by letter.
+PROMPT_INSTRUCTION = "{prompt} no {concepts}"
+NOT_RUN = "ESD-u, UCE: not run on the toy world (they need their own training code, out of scope here)"
 LEVELS = ("L0", "L1", "L2", "L3", "L4", "L5")
 GRID_SCENES = ("red circle", "green square", "blue triangle", "yellow circle", "red square", "green triangle",
                "blue circle")
@@ -302,6 +312,12 @@ def eval_items(settings: DemoSettings) -> dict[str, list[Item]]:
     return items
 
 
+def sld_concept(world) -> str:
+    """The toy SLD safety concept: the first concept word of each category (the toy text encoder never saw the
+    category names; all 21 words would not fit its 16 token positions)."""
+    return " ".join(world.concepts(c)[0] for c in world.categories)
+
+
 def negative_prompt_for(banned, world) -> str:
     """The prompt-based baseline's negative prompt: the concept words of the banned categories.
 
@@ -330,21 +346,18 @@ def users_by_id(settings: DemoSettings) -> dict[str, object]:
 
 def generation_plan(settings: DemoSettings, items: dict[str, list[Item]]) -> dict[str, list[tuple[Path, list]]]:
     """Per method: the prompt CSVs to run (each with its rows), as ``(csv path, rows)``."""
-    from psa_adapter.toyworld.world import ToyWorld, WorldConfig
-
-    world = ToyWorld(WorldConfig.from_yaml(settings.world_dir / "world.yaml"))
-    users = users_by_id(settings)
     levels = level_profiles()
     common = items["seen"] + items["unseen"] + items["unseen_safe"] + items["benign"]
     pdir = settings.out / "prompts"
     plan = {}
-    for method in ("base", "safetydpo"):
+    for method in NON_PERSONALISED:
         rows = [it.row(it.user, None) for it in common + items["unsafe"] + items["grid"]]
         plan[method] = [(pdir / f"{method}.csv", rows)]
-    rows = [it.row(it.user, negative_prompt_for(users[it.user].banned, world)) for it in common]
-    neg = negative_prompt_for(levels[GRID_PROMPT_LEVEL].banned, world)
-    rows += [it.row(None, neg) for it in items["grid"]]
-    plan["prompt"] = [(pdir / "prompt.csv", rows)]
+    # The prompt-based rows: infer.py --method prompt reads each user's banned list (users.csv); the grid row is level
+    # GRID_PROMPT_LEVEL's user (--level), so its captions go in a second CSV.
+    for method in PROMPT_ROWS:
+        plan[method] = [(pdir / f"{method}.csv", [it.row(it.user, None) for it in common]),
+                        (pdir / f"{method}_grid.csv", [it.row(None, None) for it in items["grid"]])]
     rows = [it.row(it.user, None) for it in common]
     level_rows = []
     for name in LEVELS:
@@ -367,7 +380,19 @@ def stage_generate(settings: DemoSettings, method: str, plan: list[tuple[Path, l
                "--save_path", out, "--guidance", str(settings.guidance), "--steps", str(settings.steps),
                "--batch_size", str(settings.batch_size), "--seed", str(settings.eval_seed)]
         if method == "safetydpo":
-            cmd += ["--lora_path", train_dir(settings, "safetydpo")]
+            cmd += ["--method", "safetydpo", "--lora_path", train_dir(settings, "safetydpo")]
+        if method in SLD_ROWS:
+            from psa_adapter.toyworld.world import ToyWorld, WorldConfig
+
+            world = ToyWorld(WorldConfig.from_yaml(settings.world_dir / "world.yaml"))
+            cmd += ["--method", "sld", "--sld_preset", method.removeprefix("sld_"),
+                    "--sld_concept", sld_concept(world)]
+        if method in PROMPT_ROWS:
+            cmd += ["--method", "prompt", "--prompt_mode", PROMPT_ROWS[method], "--users_csv",
+                    settings.world_dir / "users.csv", "--prompt_concepts", write_concept_words(settings),
+                    "--prompt_join", " ", *(["--level", GRID_PROMPT_LEVEL] if k == 1 else [])]
+            if PROMPT_ROWS[method] == "instruction":
+                cmd += ["--prompt_instruction", PROMPT_INSTRUCTION]
         if method == "psa":
             store = embeds_path(settings, "users" if k == 0 else "levels")
             cmd += ["--psa_path", train_dir(settings, "psa"), "--embeds_folder", store,
@@ -376,6 +401,16 @@ def stage_generate(settings: DemoSettings, method: str, plan: list[tuple[Path, l
         seconds += _run(settings, f"generate {method}", cmd,
                         settings.out / "logs" / f"generate_{method}_{csv_path.stem}.log")
     return seconds
+
+
+def write_concept_words(settings: DemoSettings) -> Path:
+    """The world's concept words per category, for ``infer.py --prompt_concepts``."""
+    from psa_adapter.toyworld.world import ToyWorld, WorldConfig
+
+    world = ToyWorld(WorldConfig.from_yaml(settings.world_dir / "world.yaml"))
+    path = settings.out / "prompts" / "concept_words.json"
+    atomic_write_text(path, json.dumps({c: world.concepts(c) for c in world.categories}, indent=1))
+    return path
 
 
 # --------------------------------------------------------------------------------------------- 4. evaluate
@@ -485,7 +520,7 @@ def evaluate(settings: DemoSettings, items: dict[str, list[Item]]) -> dict:
             u[kind] += 1
             u[f"{kind}_marked"] += int(req[i])
         r["marks_by_user"] = by_user
-        if method in ("base", "safetydpo"):
+        if method in NON_PERSONALISED:
             s = inpro(folder, out / "ip_unsafe", [detector], files=_require_images(folder, files("unsafe")))
             _figure(r, "ip", s["inpro"], s["inpro_ci"])
             r["spurious_mark_rate_unsafe"] = float(spurious(_marks_of(out / "ip_unsafe"), "unsafe").mean())
@@ -533,11 +568,11 @@ def write_grid(settings: DemoSettings, items: dict[str, list[Item]], path: Path,
 
     grid_items = items["grid"]
     rows = []
-    for method in ("base", "safetydpo", "prompt"):
+    for method in METHODS[:-1]:
         if method in available_methods(settings):
-            label = LABELS[method] + (f" ({GRID_PROMPT_LEVEL} bans)" if method == "prompt" else "")
+            label = LABELS[method] + (f"\n({GRID_PROMPT_LEVEL} bans)" if method in PROMPT_ROWS else "")
             rows.append((label, settings.gen_dir(method), ""))
-    for name in LEVELS:
+    for name in LEVELS if "psa" in settings.methods else ():
         rows.append((f"PSA {name}", settings.gen_dir("psa"), f"{name}/"))
     size = 32 * scale
     pad, left, top = 4, 150, 34  # pad: white pixels between images; left, top: room for the labels
@@ -573,6 +608,8 @@ def format_table(results: dict) -> str:
             continue
         r = results[method]
         lines.append(f"| {LABELS[method]} | " + " | ".join(_fmt(r.get(k)) for _, k in cols) + " |")
+    lines.append("")
+    lines.append(NOT_RUN)
     if "psa" in results and "ip_by_level" in results["psa"]:
         lv = results["psa"]["ip_by_level"]
         lines.append("")
@@ -634,6 +671,9 @@ def run_demo(settings: DemoSettings) -> dict:
         "fid": "Frechet distance of toy-judge features, benign prompts vs eval_data/benign images",
         "intervals": "<key>_ci: 95% percentile bootstrap (paired over prompts for win rates)",
         "prompt_baseline": "negative prompt = concept words of the user's banned categories",
+        "prompt_instruction_baseline": f"caption + instruction {PROMPT_INSTRUCTION!r}, concepts = the same words",
+        "sld": "infer.py --method sld with each published preset; safety concept: one concept word per category",
+        "not_run": NOT_RUN,
     }
     atomic_write_text(settings.out / "results.json", json.dumps(results, indent=2))
     table = format_table(results)
@@ -644,5 +684,5 @@ def run_demo(settings: DemoSettings) -> dict:
     return results
 
 
-__all__ = ["DemoError", "DemoSettings", "METHODS", "eval_items", "evaluate", "format_table", "negative_prompt_for",
-           "run_demo", "write_grid"]
+__all__ = ["DemoError", "DemoSettings", "METHODS", "NON_PERSONALISED", "PROMPT_ROWS", "SLD_ROWS", "eval_items",
+           "evaluate", "format_table", "negative_prompt_for", "run_demo", "sld_concept", "write_grid"]
