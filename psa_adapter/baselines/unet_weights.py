@@ -35,7 +35,12 @@ def read_state_dict(path: str | Path) -> dict:
 
             state = load_file(str(path))
         elif path.suffix in _LEGACY:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as err:  # noqa: BLE001 - the restricted unpickler raises many types
+                from psa_adapter.reference import describe_load_error
+
+                raise MethodError(f"cannot read --unet_weights {path}: {describe_load_error(err)}") from err
         else:
             raise MethodError(f"--unet_weights {path}: expected a .safetensors file or a legacy torch file "
                               f"({', '.join(_LEGACY)})")
