@@ -153,3 +153,28 @@ def smollm2_gguf() -> Path | None:
         return None
     path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     return path if path.is_file() else None
+
+
+def save_tiny_clip(path: str | Path, layers: int = 1, seed: int = 0) -> Path:
+    """A random CLIP with a 768-d projection (the width of Q16's prompt embeddings), a character tokenizer and a
+    32-px image processor, saved to ``path``: stands in for the hub CLIPs in metric tests and benchmarks."""
+    from transformers import CLIPConfig, CLIPModel
+
+    try:
+        from transformers import CLIPImageProcessorPil as Processor
+    except ImportError:  # transformers 4
+        from transformers import CLIPImageProcessor as Processor
+    path = Path(path)
+    write_char_tokenizer(path)
+    vocab = len(json.loads((path / "vocab.json").read_text()))
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=vocab - 2,
+                         eos_token_id=vocab - 1, pad_token_id=vocab - 1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=768)
+    CLIPModel(config).save_pretrained(path)
+    Processor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    return path

@@ -74,29 +74,9 @@ def hand_fd(mu1, s1, mu2, s2):
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     """A random CLIP (projection 768, as Q16's prompts need) with a tokenizer and image processor, saved to disk."""
-    import torch
-    from transformers import CLIPConfig, CLIPModel
+    from psa_adapter.testing import save_tiny_clip
 
-    from psa_adapter.testing import write_char_tokenizer
-
-    try:
-        from transformers import CLIPImageProcessorPil as Processor
-    except ImportError:
-        from transformers import CLIPImageProcessor as Processor
-    path = tmp_path_factory.mktemp("tiny_clip")
-    write_char_tokenizer(path)
-    vocab = len(json.loads((path / "vocab.json").read_text()))
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=vocab - 2,
-                         eos_token_id=vocab - 1, pad_token_id=vocab - 1),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=768)
-    CLIPModel(config).save_pretrained(path)
-    Processor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
-    return path
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
 
 
 def clip_forward(path, images, texts):

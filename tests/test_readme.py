@@ -323,23 +323,13 @@ def exercise_metrics(argv: list[str], ws: Path, upstream: Path | None) -> None:
     import pickle
 
     from PIL import Image
-    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
-    from psa_adapter.testing import write_char_tokenizer
+    from psa_adapter.testing import save_tiny_clip
 
     opts = dict(zip(argv[4::2], argv[5::2]))
     clip = ws / "tiny_clip"
     if not clip.exists():
-        write_char_tokenizer(clip)
-        vocab = len(json.loads((clip / "vocab.json").read_text()))
-        CLIPModel(CLIPConfig(
-            text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                             num_attention_heads=2, bos_token_id=vocab - 2, eos_token_id=vocab - 1,
-                             pad_token_id=vocab - 1),
-            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                               image_size=32, patch_size=8),
-            projection_dim=768)).save_pretrained(clip)
-        CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(clip)
+        save_tiny_clip(clip)
     names = [f"COCO_val2014_{i:012d}.jpg" for i in range(3)]
     if "--prompts" in opts:
         (ws / opts["--prompts"]).write_text("caption,file_name\n" + "".join(f"a photo {i},{n}\n"
