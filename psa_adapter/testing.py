@@ -6,6 +6,7 @@ Stable Diffusion checkpoint takes is exercised; only the sizes differ.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 from pathlib import Path
@@ -178,3 +179,25 @@ def save_tiny_clip(path: str | Path, layers: int = 1, seed: int = 0) -> Path:
     CLIPModel(config).save_pretrained(path)
     Processor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
     return path
+
+
+def reset_accelerate_state() -> None:
+    """Forget accelerate's process-wide singletons: every in-process ``train()`` builds its own Accelerator."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@contextlib.contextmanager
+def fresh_accelerate():
+    """One torch thread (far faster than two for tiny models on a shared 2-core machine) and accelerate state reset
+    before and after; yields the reset function for runs in between."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    reset_accelerate_state()
+    try:
+        yield reset_accelerate_state
+    finally:
+        torch.set_num_threads(threads)
+        reset_accelerate_state()

@@ -23,3 +23,13 @@ def upstream_data() -> Path:
     if not path.is_dir():
         pytest.skip("../shared/upstream-data is not available")
     return path
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """train.py builds an Accelerator per run; accelerate's singletons must not leak between in-process runs. One
+    torch thread meanwhile. Yields the reset function for runs in between."""
+    from psa_adapter.testing import fresh_accelerate as fresh
+
+    with fresh() as reset:
+        yield reset

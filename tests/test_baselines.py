@@ -153,11 +153,10 @@ def test_each_sld_preset_through_infer_py_differs_from_base(assets, tmp_path):
 def safetydpo(assets):
     """A SafetyDPO LoRA trained by train.py's trainer on a tiny SAGE-format split."""
     pytest.importorskip("peft")
-    from accelerate.state import AcceleratorState, GradientState
-
     import psa_adapter.training as training
     from psa_adapter.config import TrainConfig
     from psa_adapter.data.synthetic import write_tiny_sage
+    from psa_adapter.testing import reset_accelerate_state
 
     root = assets["root"]
     write_tiny_sage(root / "sage", "train")
@@ -166,13 +165,11 @@ def safetydpo(assets):
                          mode="non_personalised", resolution=32, train_batch_size=2, gradient_accumulation_steps=1,
                          max_train_steps=2, learning_rate=1e-2, lr_warmup_steps=0, mixed_precision="no",
                          checkpointing_steps=100, report_to="none", seed=0)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     try:
         training.train(config)
     finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        reset_accelerate_state()
     return {"config": config, "out": out}
 
 

@@ -11,11 +11,11 @@ def test_bootstrap_interval_contains_mean_and_shrinks_with_n():
     rng = np.random.default_rng(1)
     small = rng.random(20) < 0.3
     large = rng.random(2000) < 0.3
-    s, l = mean_with_ci(small), mean_with_ci(large)
+    s, big = mean_with_ci(small), mean_with_ci(large)
     assert s["ci"][0] <= s["value"] <= s["ci"][1]
-    assert l["ci"][0] <= l["value"] <= l["ci"][1]
-    assert (l["ci"][1] - l["ci"][0]) < (s["ci"][1] - s["ci"][0]) / 3
-    assert 0.27 < l["ci"][0] < 0.3 < l["ci"][1] < 0.33
+    assert big["ci"][0] <= big["value"] <= big["ci"][1]
+    assert (big["ci"][1] - big["ci"][0]) < (s["ci"][1] - s["ci"][0]) / 3
+    assert 0.27 < big["ci"][0] < 0.3 < big["ci"][1] < 0.33
     assert bootstrap_ci(large) == bootstrap_ci(large)  # seeded: same records, same interval
 
 

@@ -23,20 +23,8 @@ USERS = {"0000001": ["Violence"], "0000002": []}
 
 
 @pytest.fixture(autouse=True)
-def _one_thread_and_fresh_accelerate():
-    # Two threads on a shared 2-core machine are far slower than one for these tiny models.
-    from accelerate.state import AcceleratorState, GradientState
-
-    def reset():  # each train() call builds its own Accelerator; the state singletons must not leak between tests
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    reset()
+def _one_thread_and_fresh_accelerate(fresh_accelerate):
     yield
-    torch.set_num_threads(threads)
-    reset()
 
 
 @pytest.fixture(scope="module")

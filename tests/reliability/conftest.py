@@ -21,19 +21,3 @@ def workspace(tmp_path_factory):
     return root
 
 
-@pytest.fixture
-def fresh_accelerate():
-    """train.py builds an Accelerator per run; accelerate's singletons must not leak between in-process runs."""
-    import torch
-    from accelerate.state import AcceleratorState, GradientState
-
-    def reset():
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    reset()
-    yield reset
-    torch.set_num_threads(threads)
-    reset()

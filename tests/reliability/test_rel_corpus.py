@@ -4,24 +4,12 @@ key or user, no raw traceback, and nothing already in the output folder lost or 
 from __future__ import annotations
 
 import pytest
-import torch
 from corpus import CASES, Ctx, run_case, snapshot
 
 
 @pytest.fixture(autouse=True)
-def _fresh_accelerate_and_one_thread():
-    from accelerate.state import AcceleratorState, GradientState
-
-    def reset():  # train.py builds an Accelerator per run; its singletons must not leak between cases
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    reset()
+def _fresh_accelerate_and_one_thread(fresh_accelerate):
     yield
-    torch.set_num_threads(threads)
-    reset()
 
 
 def test_the_corpus_is_large_and_covers_every_input_family():

@@ -65,10 +65,9 @@ def test_a_checkpoint_with_a_pickled_callable_is_refused_before_accelerate_unpic
     argv = ["--sd_model", workspace / "sd15", "--train_data_dir", workspace / "sage", "--embeds_folder",
             workspace / "embeds", "--output_dir", out, "--resolution", "32", "--max_train_steps", "2",
             "--checkpointing_steps", "1", "--mixed_precision", "no", "--train_batch_size", "1", "--seed", "0"]
-    from accelerate.state import AcceleratorState, GradientState
+    from psa_adapter.testing import reset_accelerate_state
 
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     assert _train_main()([str(a) for a in argv]) == 0
     marker = tmp_path / "the_callable_ran"
     checkpoint = out / "checkpoint-2"
@@ -81,14 +80,12 @@ def test_a_checkpoint_with_a_pickled_callable_is_refused_before_accelerate_unpic
     state["files"] = checkpoint_files(checkpoint)
     (checkpoint / "training_state.json").write_text(json.dumps(state))
     shutil.rmtree(out / "checkpoint-1")
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     outcome = run_case("train", [*argv, "--resume_from_checkpoint", checkpoint, "--max_train_steps", "3"])
     assert outcome.raised is None and outcome.code == 1, outcome.stderr[-2000:]
     assert f"{checkpoint}: custom_checkpoint_0.pkl cannot be read safely: it holds a Python object" in outcome.message
     assert not marker.exists(), "the pickled callable ran"
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
 
 
 def test_an_npy_with_a_pickled_callable_is_refused_and_never_runs(workspace, tmp_path):
