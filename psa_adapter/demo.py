@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local
 
 
 def main(argv: list[str] | None = None) -> int:
-    from psa_adapter.toyworld.demo import METHODS, DemoError, DemoSettings, run_demo
+    from psa_adapter.toyworld.demo import DEFAULT_METHODS, METHODS, DemoError, DemoSettings, run_demo
 
     parser = argparse.ArgumentParser(prog="python -m psa_adapter.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,14 +45,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="training users beyond the demo's 60, drawn after the evaluation users so that those "
                              "stay the same (a named variant: a larger training population; default 0)")
     parser.add_argument("--methods", default=None,
-                        help="comma-separated rows to run (default all): " + ",".join(METHODS))
+                        help=f"comma-separated rows to run, or 'all' (default {','.join(DEFAULT_METHODS)}); known: "
+                             + ",".join(METHODS))
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="stage processes run side by side (default: the CPU count, at most 4); each uses one "
+                             "torch thread, so the figures do not depend on this or on the machine")
     args = parser.parse_args(argv)
+    if args.jobs is not None and args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
     if args.extra_train_users < 0:
         parser.error(f"--extra-train-users must be >= 0, got {args.extra_train_users}")
     settings = DemoSettings.quick(args.out, args.seed) if args.quick else DemoSettings(out=args.out, seed=args.seed)
     settings.psa_scale = args.psa_scale
     settings.encoder = args.encoder
     settings.extra_train_users = args.extra_train_users
+    if args.jobs is not None:
+        settings.jobs = args.jobs
     if args.psa_uncond is not None:
         settings.psa_uncond = args.psa_uncond
     for name in ("base", "judge", "psa_config", "psa_path"):
@@ -64,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         settings.reuse = args.reuse.resolve()
         settings.methods = ("psa",)
     if args.methods:
-        methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        methods = METHODS if args.methods.strip() == "all" else \
+            tuple(m.strip() for m in args.methods.split(",") if m.strip())
         unknown = [m for m in methods if m not in METHODS]
         if unknown:
             parser.error(f"--methods: unknown {', '.join(unknown)}; known: {', '.join(METHODS)}")

@@ -115,6 +115,22 @@ def toy_models(tmp_path_factory):
     return root / "base", root / "judge"
 
 
+def test_demo_methods_default_to_the_four_rows_and_all_means_every_row(monkeypatch, tmp_path, capsys):
+    import psa_adapter.demo as cli
+    import psa_adapter.toyworld.demo as demo
+
+    seen = []
+    monkeypatch.setattr(demo, "run_demo", lambda settings: seen.append(settings.methods))
+    assert cli.main(["--out", str(tmp_path)]) == 0
+    assert cli.main(["--out", str(tmp_path), "--methods", "all"]) == 0
+    assert cli.main(["--out", str(tmp_path), "--methods", "psa,sld_max,base"]) == 0
+    assert seen == [("base", "safetydpo", "prompt", "psa"), demo.METHODS, ("base", "sld_max", "psa")]
+    assert set(demo.METHODS) - set(demo.DEFAULT_METHODS) == {*demo.SLD_ROWS, "prompt_instruction"}
+    with pytest.raises(SystemExit):
+        cli.main(["--out", str(tmp_path), "--methods", "sld_extreme"])
+    assert "unknown sld_extreme" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_quick_demo_runs_train_infer_judge_end_to_end(toy_models, tmp_path):
     base, judge = toy_models
@@ -128,6 +144,9 @@ def test_quick_demo_runs_train_infer_judge_end_to_end(toy_models, tmp_path):
     for method in ("base", "safetydpo", "prompt", "psa"):
         for key in FIGURES:
             assert isinstance(results[method][key], float), (method, key)
+    # The SLD presets and the instruction variant run only when asked for (--methods all).
+    assert not {"sld_weak", "sld_max", "prompt_instruction"} & set(results)
+    assert not (out / "gen" / "sld_weak").exists()
     assert 0.0 <= results["base"]["ip"] <= 1.0
     assert set(results["psa"]["ip_by_level"]) == {"L0", "L1", "L2", "L3", "L4", "L5"}
     assert set(results["psa"]["spurious_mark_rate_by_level"]) == set(results["psa"]["ip_by_level"])
@@ -165,3 +184,49 @@ def test_quick_demo_runs_train_infer_judge_end_to_end(toy_models, tmp_path):
     # Skipped stages keep the time they took when they ran; this run only judged.
     assert second["timings_seconds"]["train_psa"] == results["timings_seconds"]["train_psa"] > 0
     assert second["timings_seconds"]["this_run_total"] < results["timings_seconds"]["this_run_total"]
+
+
+def test_stages_run_side_by_side_after_what_they_need_and_a_failure_stops_the_rest(tmp_path):
+    import threading
+    import time
+
+    from psa_adapter.toyworld.demo import DemoError, DemoSettings, _run, run_stages
+
+    log, lock, active, peak = [], threading.Lock(), [0], [0]
+
+    def task(name, seconds=0.05):
+        def fn():
+            with lock:
+                active[0] += 1
+                peak[0] = max(peak[0], active[0])
+                log.append(("start", name))
+            time.sleep(seconds)
+            with lock:
+                active[0] -= 1
+                log.append(("end", name))
+            return seconds
+        return fn
+
+    recorded = {}
+    tasks = [("train_a", (), task("train_a", 0.3)), ("train_b", (), task("train_b", 0.1)),
+             ("gen_c", (), task("gen_c")), ("gen_b", ("train_b",), task("gen_b")), ("gen_a", ("train_a",), task("gen_a"))]
+    run_stages(tasks, 2, recorded.__setitem__)
+    assert set(recorded) == {name for name, _, _ in tasks} and peak[0] == 2
+    for stage, need in (("gen_a", "train_a"), ("gen_b", "train_b")):
+        assert log.index(("end", need)) < log.index(("start", stage))
+    log.clear()
+    run_stages(tasks, 1, recorded.__setitem__)  # one at a time: the list order
+    assert [n for kind, n in log if kind == "start"] == ["train_a", "train_b", "gen_c", "gen_b", "gen_a"]
+    with pytest.raises(ValueError, match="needs"):
+        run_stages([("gen", ("train",), task("gen"))], 2, recorded.__setitem__)
+
+    # A failing stage stops its sibling's process at once and is raised.
+    settings = DemoSettings(out=tmp_path)
+    slow = [sys.executable, "-c", "import time; time.sleep(60)"]
+    bad = [sys.executable, "-c", "import os, sys; print(os.environ['OMP_NUM_THREADS']); sys.exit(3)"]
+    t0 = time.time()
+    with pytest.raises(DemoError, match="'bad' failed \\(exit 3\\)"):
+        run_stages([("slow", (), lambda: _run(settings, "slow", slow, tmp_path / "slow.log")),
+                    ("bad", (), lambda: _run(settings, "bad", bad, tmp_path / "bad.log"))], 2, recorded.__setitem__)
+    assert time.time() - t0 < 30
+    assert (tmp_path / "bad.log").read_text().splitlines()[-1] == "1"  # one torch thread per stage process

@@ -48,6 +48,22 @@ def test_a_world_with_more_training_users_has_the_same_evaluation_files(tmp_path
         _check_same_evaluation(tmp_path / "other", tmp_path / "plain")
 
 
+def test_a_variant_world_follows_the_reused_demos_seed_not_the_training_seed(tmp_path):
+    from psa_adapter.toyworld.demo import world_seed
+
+    kw = dict(n_train=4, n_val=1, n_test_seen=2, n_test_unseen=2, n_benign=3, n_unsafe=7)
+    make_toyworld(tmp_path / "demo" / "world", seed=0, **kw)
+    s = DemoSettings(out=tmp_path / "variant", seed=2)
+    assert world_seed(s) == 2  # a demo of its own: its seed draws the users
+    s.reuse, s.extra_train_users = tmp_path / "demo", 3
+    assert world_seed(s) == 0  # training seed 2, same evaluation users as the reused seed-0 demo
+    make_toyworld(s.world_dir, seed=world_seed(s), extra_train=3, **kw)
+    _check_same_evaluation(s.world_dir, tmp_path / "demo" / "world")
+    s.reuse = tmp_path / "nothing"
+    with pytest.raises(DemoError, match="manifest.json not found"):
+        world_seed(s)
+
+
 def test_demo_settings_and_cli_flag_default_to_the_demo():
     s = DemoSettings(out=Path("o"))
     assert s.extra_train_users == 0 and s.world_dir == Path("o/world")
@@ -121,10 +137,12 @@ def test_diagnosis_of_a_run_folder(tmp_path):
 
 
 def test_win_rates_and_grid_rows_only_for_methods_that_have_images(tmp_path):
-    from psa_adapter.toyworld.demo import METHODS, available_methods
+    from psa_adapter.toyworld.demo import DEFAULT_METHODS, METHODS, available_methods
 
     s = DemoSettings(out=tmp_path / "o")
-    assert available_methods(s) == METHODS  # the demo: every method
+    assert available_methods(s) == DEFAULT_METHODS  # the demo: its default rows
+    s.methods = METHODS
+    assert available_methods(s) == METHODS  # --methods all
     s.methods = ("base", "prompt", "psa")
     assert available_methods(s) == ("base", "prompt", "psa")
     s.methods, s.reuse = ("psa",), tmp_path / "demo"
