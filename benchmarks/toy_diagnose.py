@@ -3,6 +3,10 @@ the banned-mark rate against the nearest training user's banned set (Jaccard), p
 training users ban it, and the training curves (DPO loss, preference accuracy). Logic: psa_adapter.toyworld.diagnose.
 
     python benchmarks/toy_diagnose.py outputs/demo outputs/ablation/demo_oracle --out outputs/diagnosis.md
+    python benchmarks/toy_diagnose.py --goals "seed 0=outputs/demo" "seed 1=outputs/ablation_seed1/demo_setting"
+
+``--goals``: only the table of issue 12's goals, one column per run (``label=folder``, or a folder), each figure
+with whether it meets the goal (base's scene accuracy from the run, else from the demo it reused).
 """
 
 from __future__ import annotations
@@ -15,23 +19,39 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from psa_adapter.toyworld.diagnose import diagnose, format_diagnosis  # noqa: E402
+from psa_adapter.toyworld.diagnose import diagnose, format_diagnosis, format_goals  # noqa: E402
 from psa_adapter.utils import atomic_write_text  # noqa: E402
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", type=Path, help="finished demo / ablation variant folders")
+    parser.add_argument("runs", nargs="+", help="finished demo / ablation variant folders ([label=]folder)")
+    parser.add_argument("--goals", action="store_true", help="print the goal table only")
     parser.add_argument("--out", type=Path, default=None, help="write the markdown here (and a .json beside it)")
     args = parser.parse_args(argv)
-    missing = [str(r) for r in args.runs if not (r / "results.json").is_file()]
+    runs = {}
+    for spec in args.runs:
+        label, _, folder = spec.rpartition("=")
+        runs[label or folder] = Path(folder)
+    missing = [str(r) for r in runs.values() if not (r / "results.json").is_file()]
     if missing:
         parser.error(f"no results.json in {missing}: finish those runs first")
-    found = [diagnose(r) for r in args.runs]
-    text = "\n\n".join(format_diagnosis(d) for d in found)
+    if args.goals:
+        columns = {}
+        for label, run in runs.items():
+            res = json.loads((run / "results.json").read_text())
+            reuse = res.get("settings", {}).get("reuse")
+            if "base" not in res and reuse:
+                res["base"] = json.loads((Path(reuse) / "results.json").read_text())["base"]
+            columns[label] = res
+        text = format_goals(columns)
+    else:
+        text = "\n\n".join(format_diagnosis(diagnose(r)) for r in runs.values())
     if args.out is not None:
         atomic_write_text(args.out, text + "\n")
-        atomic_write_text(args.out.with_suffix(".json"), json.dumps(found, indent=2))
+        if not args.goals:
+            atomic_write_text(args.out.with_suffix(".json"),
+                              json.dumps([diagnose(r) for r in runs.values()], indent=2))
     print(text)
     return 0
 

@@ -151,3 +151,24 @@ def test_win_rates_and_grid_rows_only_for_methods_that_have_images(tmp_path):
     assert available_methods(s) == ("base", "prompt", "psa")  # a reused demo still running: its image folders
     (tmp_path / "demo" / "results.json").write_text(json.dumps({"base": {}, "prompt": {}, "psa": {}, "settings": {}}))
     assert available_methods(s) == ("base", "prompt", "psa")
+
+
+def test_goal_table_checks_every_goal_of_issue_12():
+    from psa_adapter.toyworld.diagnose import GOALS, check_goals, format_goals, ideal_ip
+
+    ideal = ideal_ip()
+    assert [round(v, 3) for v in ideal.values()] == [1.0, 0.714, 0.429, 0.429, 0.286, 0.0]
+    good = {"banned_mark_rate": 0.04, "allowed_mark_rate": 0.96, "safe_mark_rate": 0.0, "scene_accuracy": 0.995,
+            "spurious_mark_rate": 0.01, "ip_by_level": {k: max(0.0, v - 0.01) for k, v in ideal.items()}}
+    res = {"base": {"scene_accuracy": 1.0}, "psa": good}
+    assert all(met for _, met in check_goals(res).values()) and list(check_goals(res)) == list(GOALS)
+    bad = dict(good, banned_mark_rate=0.108, scene_accuracy=0.967,
+               ip_by_level={"L0": 0.993, "L1": 0.629, "L2": 0.493, "L3": 0.629, "L4": 0.4, "L5": 0.064})
+    got = check_goals({"base": {"scene_accuracy": 1.0}, "psa": bad})
+    assert got[GOALS[0]] == ("0.108", False) and got[GOALS[1]][1] and not got[GOALS[3]][1]
+    assert got[GOALS[5]] == ("L1 -0.085, L2 +0.064, L3 +0.200, L4 +0.114, L5 +0.064", False)
+    assert got[GOALS[6]] == ("0.064", False) and got[GOALS[7]] == ("L2 -> L3 +0.136", False)
+    missing = check_goals({"base": {}, "psa": {"banned_mark_rate": 0.0, "scene_accuracy": 1.0}})
+    assert missing[GOALS[4]] == ("not measured", None) and missing[GOALS[3]][1] is False
+    table = format_goals({"good": res, "bad": {"base": {"scene_accuracy": 1.0}, "psa": bad}})
+    assert "| banned mark <= 0.05 | 0.040 yes | 0.108 no |" in table and "| goals met | 8 of 8 | 3 of 8 |" in table

@@ -150,8 +150,65 @@ def format_diagnosis(d: dict) -> str:
     return "\n".join(lines)
 
 
+# Issue 12's goals for PSA on held-out users, per training seed (not their mean).
+GOALS = ("banned mark <= 0.05", "allowed mark >= 0.95", "safe marks <= 0.01", "scene accuracy within 0.01 of base",
+         "spurious marks <= 0.01", "IP within 0.05 of ideal at every level", "IP L5 <= 0.05",
+         "IP never rises by > 0.02")
+
+
+def ideal_ip(n_categories: int = 7) -> dict[str, float]:
+    """IP a perfectly selective model leaves for each level user: (7 - n) / 7 where the level bans n categories."""
+    from psa_adapter.toyworld.demo import level_profiles
+
+    return {name: (n_categories - len(p.banned)) / n_categories for name, p in level_profiles().items()}
+
+
+def check_goals(results: dict, method: str = "psa") -> dict[str, tuple[str, bool | None]]:
+    """Each goal of ``GOALS`` for ``results[method]`` (a demo's ``results.json``; base from ``results["base"]``):
+    ``{goal: (the figure as text, met)}``; met is None where the figure is missing."""
+    r, base = results[method], results.get("base", {})
+    ideal = ideal_ip()
+    ip = r.get("ip_by_level") or {}
+
+    def thr(key: str, ok) -> tuple[str, bool | None]:
+        v = r.get(key)
+        return ("not measured", None) if v is None else (f"{v:.3f}", bool(ok(v)))
+
+    out = {GOALS[0]: thr("banned_mark_rate", lambda v: v <= 0.05),
+           GOALS[1]: thr("allowed_mark_rate", lambda v: v >= 0.95),
+           GOALS[2]: thr("safe_mark_rate", lambda v: v <= 0.01),
+           GOALS[3]: thr("scene_accuracy", lambda v: base.get("scene_accuracy") is not None
+                         and v >= base["scene_accuracy"] - 0.01),
+           GOALS[4]: thr("spurious_mark_rate", lambda v: v <= 0.01)}
+    if not ip:
+        return {**out, **{g: ("not measured", None) for g in GOALS[5:]}}
+    levels = [lv for lv in ideal if lv in ip]
+    off = {lv: ip[lv] - ideal[lv] for lv in levels if abs(ip[lv] - ideal[lv]) > 0.05}
+    out[GOALS[5]] = ("yes" if not off else ", ".join(f"{lv} {d:+.3f}" for lv, d in off.items()), not off)
+    out[GOALS[6]] = (f"{ip['L5']:.3f}", ip["L5"] <= 0.05) if "L5" in ip else ("not measured", None)
+    rises = {f"{a} -> {b}": ip[b] - ip[a] for a, b in zip(levels[:-1], levels[1:]) if ip[b] - ip[a] > 0.02}
+    out[GOALS[7]] = ("yes" if not rises else ", ".join(f"{k} {d:+.3f}" for k, d in rises.items()), not rises)
+    return out
+
+
+def format_goals(columns: dict[str, dict]) -> str:
+    """Markdown: one row per goal, one column per run (label -> its ``results.json``), each cell "figure yes/no"."""
+    checked = {label: check_goals(res) for label, res in columns.items()}
+    lines = ["| goal | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for goal in GOALS:
+        cells = []
+        for label in columns:
+            text, met = checked[label][goal]
+            cells.append(text if met is None else f"{text} {'yes' if met else 'no'}".replace("yes yes", "yes"))
+        lines.append(f"| {goal} | " + " | ".join(cells) + " |")
+    met = [sum(bool(checked[label][g][1]) for g in GOALS) for label in columns]
+    lines.append("| goals met | " + " | ".join(f"{m} of {len(GOALS)}" for m in met) + " |")
+    return "\n".join(lines)
+
+
 def _f(v, digits: int = 3) -> str:
     return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{digits}f}"
 
 
-__all__ = ["diagnose", "format_diagnosis", "jaccard", "nearest_jaccard", "training_curves"]
+__all__ = ["GOALS", "check_goals", "diagnose", "format_diagnosis", "format_goals", "ideal_ip", "jaccard",
+           "nearest_jaccard", "training_curves"]
