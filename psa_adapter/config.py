@@ -21,6 +21,7 @@ from psa_adapter.utils import NotUTF8Error, atomic_write_text, read_utf8, yaml_e
 MODES = ("personalised", "non_personalised")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 EMBED_NORMS = ("none", "standardize")
+PAIR_BALANCES = ("none", "category")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
@@ -83,6 +84,13 @@ class TrainConfig:
         default=0.0,
         **_help("Weight of an added supervised term mean((eps_pol(w) - eps)^2). 0 = the paper's loss; "
                 "> 0 is the 'DPO + SFT' variant (about 1000 worked in the toy world)."),
+    )
+    pair_balance: str = field(
+        default="none",
+        **_help("Sampling of the training pairs. 'none' = uniform, the paper's. 'category' = the named variant "
+                "'balanced pairs': each (category, case) cell (case: safe caption / harmful caption with the safe "
+                "image chosen / with the unsafe image chosen) is drawn equally often, so categories that few "
+                "training users ban get as many 'remove it' pairs as the rest."),
     )
     min_timestep: int = field(
         default=0, **_help("Training timesteps are drawn uniformly from [min_timestep, max_timestep). 0 and null "
@@ -197,6 +205,8 @@ class TrainConfig:
         if self.min_timestep < 0 or (self.max_timestep is not None and self.max_timestep <= self.min_timestep):
             problems.append(f"timesteps: need 0 <= min_timestep < max_timestep, got {self.min_timestep} and "
                             f"{self.max_timestep}")
+        if self.pair_balance not in PAIR_BALANCES:
+            problems.append(f"pair_balance must be one of {PAIR_BALANCES}, got {self.pair_balance!r}")
         if self.beta_dpo <= 0:
             problems.append(f"beta_dpo must be > 0, got {self.beta_dpo}")
         if self.sft_weight < 0:

@@ -17,6 +17,7 @@ bugs (SPEC section 9) are marked "bug N".
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import json
@@ -37,7 +38,7 @@ from psa_adapter.config import ConfigError, TrainConfig
 from psa_adapter.data.cache import build_conditioning_cache, vae_moments
 from psa_adapter.data.dataset import SageDataset
 from psa_adapter.data.embeddings import MissingEmbeddingError, open_embedding_store
-from psa_adapter.data.sampling import ShardedBatchSampler
+from psa_adapter.data.sampling import ShardedBatchSampler, balanced_weights
 from psa_adapter.loss import dpo_loss
 from psa_adapter.utils import atomic_write, atomic_write_text, image_grid
 
@@ -432,7 +433,7 @@ def _flat_hparams(config: TrainConfig) -> dict:
 
 # ------------------------------------------------------------------------------------------- resume safety
 #: What decides which samples an optimizer step sees; a checkpoint resumes only into a run where all of it matches.
-RUN_FIELDS = ("train_batch_size", "gradient_accumulation_steps", "num_processes", "seed")
+RUN_FIELDS = ("train_batch_size", "gradient_accumulation_steps", "num_processes", "seed", "pair_balance")
 
 
 class ResumeMismatchError(ValueError):
@@ -443,7 +444,8 @@ def run_identity(config: TrainConfig, num_processes: int, dataset: SageDataset) 
     """The record a checkpoint keeps of its run's data order: ``RUN_FIELDS`` plus the data set's identity."""
     return {"train_batch_size": config.train_batch_size,
             "gradient_accumulation_steps": config.gradient_accumulation_steps,
-            "num_processes": num_processes, "seed": config.seed, "data": dataset.identity()}
+            "num_processes": num_processes, "seed": config.seed, "pair_balance": config.pair_balance,
+            "data": dataset.identity()}
 
 
 def check_resume_identity(checkpoint: Path, saved: dict | None, current: dict) -> None:
@@ -683,9 +685,15 @@ def train_loop(run: TrainRun) -> bool:
 
     config, accelerator, dataset = run.config, run.accelerator, run.dataset
     # The data position follows from the step alone (the sampler skips the global batches already trained on).
+    weights = None
+    if config.pair_balance == "category":
+        groups = dataset.pair_groups()
+        weights, sizes = balanced_weights(groups), collections.Counter(groups).values()
+        accelerator.print(f"pair_balance category: {len(sizes)} (category, case) cells drawn equally often "
+                          f"({min(sizes)} to {max(sizes)} pairs each)")
     sampler = ShardedBatchSampler(len(dataset), config.train_batch_size, accelerator.num_processes,
                                   accelerator.process_index, seed=config.seed,
-                                  start_batch=run.global_step * config.gradient_accumulation_steps)
+                                  start_batch=run.global_step * config.gradient_accumulation_steps, weights=weights)
     dataloader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
                                              num_workers=config.dataloader_num_workers)
     if accelerator.is_main_process and config.report_to != "none":

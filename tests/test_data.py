@@ -19,6 +19,7 @@ from psa_adapter.data import (
     validate_split,
 )
 from psa_adapter.data.__main__ import main as data_main
+from psa_adapter.data.sampling import epoch_permutation
 from psa_adapter.data.synthetic import write_npy_embeddings, write_tiny_sage, write_users_csv
 from psa_adapter.data.transforms import resize_center_crop
 
@@ -268,3 +269,25 @@ def test_validate_script_runs_without_installing(sage, tmp_path):
     result = subprocess.run([sys.executable, str(script), "--root", str(split_dir.parent), "--split", "train"],
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stderr
+
+
+def test_weighted_sampler_draws_groups_equally_deterministically_and_resumes():
+    from psa_adapter.data.sampling import balanced_weights
+
+    groups = ["rare"] * 5 + ["common"] * 95
+    weights = balanced_weights(groups)
+    assert abs(float(weights[:5].sum()) - float(weights[5:].sum())) < 1e-12
+    sampler = ShardedBatchSampler(100, 10, seed=3, weights=weights)
+    stream = iter(sampler)
+    keys = [k for _ in range(50) for k in next(stream)]  # 5 epochs of 10 batches
+    assert keys == [k for _, b in zip(range(50), iter(ShardedBatchSampler(100, 10, seed=3, weights=weights)))
+                    for k in b]  # deterministic
+    share = sum(groups[i] == "rare" for _, i in keys) / len(keys)
+    assert 0.4 < share < 0.6  # uniform sampling would give 0.05
+    resumed = iter(ShardedBatchSampler(100, 10, seed=3, weights=weights, start_batch=23))
+    assert [k for _ in range(27) for k in next(resumed)] == keys[230:]
+    plain = next(iter(ShardedBatchSampler(100, 10, seed=3)))
+    assert plain == [(0, i) for i in epoch_permutation(100, 3, 0)[:10]]  # no weights: the permutation, unchanged
+    for bad in (torch.ones(99), -torch.ones(100), torch.zeros(100)):
+        with pytest.raises(ValueError, match="non-negative weights"):
+            ShardedBatchSampler(100, 10, weights=bad)

@@ -174,6 +174,7 @@ def test_resume_refuses_a_checkpoint_of_another_data_order(tiny, tmp_path, caplo
         (dict(gradient_accumulation_steps=2), "gradient_accumulation_steps: checkpoint 1, this run 2"),
         (dict(seed=1), "seed: checkpoint 0, this run 1"),
         (dict(max_train_samples=6), r"data set: checkpoint .*metadata.jsonl \(8 records.*this run .*\(6 records"),
+        (dict(pair_balance="category"), "pair_balance: checkpoint 'none', this run 'category'"),
     ]
     resolved = (out / training.CONFIG_NAME).read_text()
     for overrides, message in cases:
@@ -336,6 +337,8 @@ def test_yaml_then_flags_precedence_and_numbers_like_5e_6(tmp_path):
     ("sd_model: m\ntrain_data_dir: d\nembeds_folder: e\ntrain_batch_size: two\n", "train_batch_size must be int"),
     ("sd_model: m\ntrain_data_dir: d\nembeds_folder: e\nmin_timestep: 700\nmax_timestep: 100\n",
      "need 0 <= min_timestep < max_timestep, got 700 and 100"),
+    ("sd_model: m\ntrain_data_dir: d\nembeds_folder: e\npair_balance: uniform\n",
+     "pair_balance must be one of \\('none', 'category'\\), got 'uniform'"),
 ])
 def test_bad_configs_name_the_field(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
@@ -370,3 +373,23 @@ def test_launchers_run_one_accelerate_line_with_their_config_and_extra_flags(tmp
                          env=env, capture_output=True, text=True, check=True).stdout.split()
     assert out[:2] == ["launch", str(REPO / "train.py")]
     assert out[2:6] == ["--config", str(REPO / "configs" / f"{kind}.yaml"), "--seed", "7"]
+
+
+def test_balanced_pairs_variant_draws_every_cell_equally_and_resumes_exactly(tiny, tmp_path):
+    assert TrainConfig(sd_model="m", train_data_dir="d", embeds_folder="e").pair_balance == "none"  # the paper's
+    dataset = SageDataset(tiny["sage"], embeddings=open_embedding_store(tiny["embeds"]), resolution=32)
+    groups = dataset.pair_groups()
+    assert groups.count(("Violence", "harmful, safe chosen")) == 1  # user 1 bans Violence
+    assert groups.count(("Violence", "harmful, unsafe chosen")) == 1 and groups.count(("Self-Harm",
+                                                                                       "safe caption")) == 2
+    common = dict(max_train_steps=4, checkpointing_steps=2, gradient_accumulation_steps=2)
+    training.train(_config(tiny, tmp_path / "uniform", **common))
+    training.train(_config(tiny, tmp_path / "full", pair_balance="category", **common))
+    assert training.train(_config(tiny, tmp_path / "resumed", pair_balance="category", stop_after_steps=2,
+                                  **common)) is None
+    training.train(_config(tiny, tmp_path / "resumed", pair_balance="category", resume_from_checkpoint="latest",
+                           **common))
+    uniform, full = _adapter_weights(tmp_path / "uniform"), _adapter_weights(tmp_path / "full")
+    resumed = _adapter_weights(tmp_path / "resumed")
+    assert all((full[k] - resumed[k]).abs().max().item() <= 1e-6 for k in full)
+    assert any((full[k] - uniform[k]).abs().max().item() > 1e-6 for k in full)  # another data order

@@ -122,6 +122,21 @@ class SageDataset(torch.utils.data.Dataset):
                 digest.update(block)
         return {"metadata": str(self.metadata_path.resolve()), "sha256": digest.hexdigest(), "records": len(self)}
 
+    def pair_groups(self) -> list[tuple[str, str]]:
+        """``(category, case)`` of every record, case one of ``"safe caption"``, ``"harmful, safe chosen"``,
+        ``"harmful, unsafe chosen"`` (from the SAGE image names): the cells of ``--pair_balance category``."""
+        groups = []
+        for record in self.records:
+            parsed = parse_image_name(record.chosen)
+            if parsed is None or record.caption_kind is None:
+                raise SageFormatError(f"{self._where(record)}: pair_balance 'category' needs SAGE image names "
+                                      f"(user_<id>_<category>_<concept>_<n>_<s|u>.jpg) and file_name suffixes; got "
+                                      f"chosen {record.chosen!r}, file_name {record.file_name!r}")
+            case = ("safe caption" if record.caption_kind == "safe"
+                    else "harmful, safe chosen" if parsed.variant == "s" else "harmful, unsafe chosen")
+            groups.append((parsed.category, case))
+        return groups
+
     def image_path(self, name: str) -> Path:
         """The file of an image name (relative to the split folder; names were checked to stay inside it)."""
         return Path(os.path.normpath(self.split_dir / name.replace("\\", "/")))

@@ -38,15 +38,34 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(num_samples, generator=generator).tolist()
 
 
+def epoch_draw(weights: torch.Tensor, seed: int, epoch: int) -> list[int]:
+    """The global data order of one weighted epoch: ``len(weights)`` indices drawn with replacement, index ``i``
+    with probability proportional to ``weights[i]``."""
+    generator = torch.Generator().manual_seed(derive_seed(seed, epoch, 2**31 - 2))
+    return torch.multinomial(weights, len(weights), replacement=True, generator=generator).tolist()
+
+
+def balanced_weights(groups: list) -> torch.Tensor:
+    """Sampling weights that give every distinct group the same total weight (1 / its size per member)."""
+    if not groups:
+        raise ValueError("balanced_weights: no samples")
+    counts: dict = {}
+    for g in groups:
+        counts[g] = counts.get(g, 0) + 1
+    return torch.tensor([1.0 / counts[g] for g in groups], dtype=torch.float64)
+
+
 class ShardedBatchSampler:
     """Yields this process's share of each global batch as a list of ``(epoch, index)`` keys, forever.
 
     A global batch holds ``batch_size * num_processes`` samples; process ``p`` takes slice ``p`` of it. The last
     incomplete global batch of an epoch is dropped. ``start_batch`` skips that many global batches (resume).
+    ``weights`` (one per sample): each epoch draws its order with replacement in proportion to them
+    (``epoch_draw``) instead of permuting (the 'balanced pairs' variant); None = a permutation (the default).
     """
 
     def __init__(self, num_samples: int, batch_size: int, num_processes: int = 1, process_index: int = 0,
-                 seed: int = 0, start_batch: int = 0):
+                 seed: int = 0, start_batch: int = 0, weights: torch.Tensor | None = None):
         global_batch = batch_size * num_processes
         if num_samples < global_batch:
             raise ValueError(
@@ -60,11 +79,16 @@ class ShardedBatchSampler:
         self.seed = seed
         self.start_batch = start_batch
         self.batches_per_epoch = num_samples // global_batch
+        if weights is not None and (len(weights) != num_samples or not bool((weights >= 0).all())
+                                    or not float(weights.sum()) > 0):
+            raise ValueError(f"weights: need {num_samples} non-negative weights with a positive sum")
+        self.weights = weights
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         epoch, batch = divmod(self.start_batch, self.batches_per_epoch)
         while True:
-            order = epoch_permutation(self.num_samples, self.seed, epoch)
+            order = (epoch_permutation(self.num_samples, self.seed, epoch) if self.weights is None
+                     else epoch_draw(self.weights, self.seed, epoch))
             for b in range(batch, self.batches_per_epoch):
                 start = (b * self.num_processes + self.process_index) * self.batch_size
                 yield [(epoch, i) for i in order[start:start + self.batch_size]]
