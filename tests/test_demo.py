@@ -208,8 +208,9 @@ def test_stages_run_side_by_side_after_what_they_need_and_a_failure_stops_the_re
         return fn
 
     recorded = {}
-    tasks = [("train_a", (), task("train_a", 0.3)), ("train_b", (), task("train_b", 0.1)), ("gen_c", (), task("gen_c")),
-             ("gen_b", ("train_b",), task("gen_b")), ("gen_a", ("train_a",), task("gen_a"))]
+    tasks = [("train_a", (), task("train_a", 0.3)), ("train_b", (), task("train_b", 0.1)),
+             ("gen_c", (), task("gen_c")), ("gen_b", ("train_b",), task("gen_b")),
+             ("gen_a", ("train_a",), task("gen_a"))]
     run_stages(tasks, 2, recorded.__setitem__)
     assert set(recorded) == {name for name, _, _ in tasks} and peak[0] == 2
     for stage, need in (("gen_a", "train_a"), ("gen_b", "train_b")):
