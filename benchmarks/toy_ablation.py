@@ -91,7 +91,9 @@ for _name, _change, _train, _demo in (
         ("demo_steps2000", "the demo setting, 2,000 steps", ["--max_train_steps", "2000"], []),
         ("demo_steps4000", "the demo setting, 4,000 steps", ["--max_train_steps", "4000"], []),
         ("demo_balanced", "the demo setting with balanced pairs (`--pair_balance category`, a named variant)",
-         ["--pair_balance", "category"], [])):
+         ["--pair_balance", "category"], []),
+        ("demo_users400_steps2000", "the demo setting with 400 training users and 2,000 steps",
+         ["--max_train_steps", "2000"], ["--extra-train-users", "340"])):
     VARIANTS[_name] = (_change, B500_K8 + _train + _CURVES, ["--psa-uncond", "off", *_demo])
 # Inference-only rows: a trained variant's adapter with the unconditional branch off (plus extra demo flags).
 for _trained, _extra, _note in (("faithful", [], ""), ("sft_std_k4", [], ""), ("sft_std_k8_lr1e-3", [], ""),
