@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from psa_adapter.toyworld.demo import DemoError, DemoSettings, _check_same_evaluation
@@ -172,3 +173,17 @@ def test_goal_table_checks_every_goal_of_issue_12():
     assert missing[GOALS[4]] == ("not measured", None) and missing[GOALS[3]][1] is False
     table = format_goals({"good": res, "bad": {"base": {"scene_accuracy": 1.0}, "psa": bad}})
     assert "| banned mark <= 0.05 | 0.040 yes | 0.108 no |" in table and "| goals met | 8 of 8 | 3 of 8 |" in table
+
+
+def test_embedding_neighbours_use_the_standardised_cosine(tmp_path):
+    from psa_adapter.toyworld.diagnose import embedding_neighbours
+    from psa_adapter.users.store import EmbeddingStore
+
+    # Dimension 0 carries a large offset shared by everyone (standardising removes it); dimension 1 separates.
+    vectors = {"0000001": [100.0, 1.0, 0.0], "0000002": [101.0, -1.0, 0.0], "0000003": [99.0, 0.0, 1.0],
+               "0000009": [100.5, 0.9, 0.1], "0000010": [99.6, -0.8, 0.0]}
+    EmbeddingStore.from_arrays({k: np.array(v, dtype=np.float32) for k, v in vectors.items()}, {}).save(
+        tmp_path / "users.safetensors")
+    got = embedding_neighbours(tmp_path, ["0000001", "0000002", "0000003"], ["0000009", "0000010"])
+    assert got == {"0000009": "0000001", "0000010": "0000002"}
+    assert embedding_neighbours(tmp_path / "none", ["0000001"], ["0000009"]) == {}

@@ -76,6 +76,27 @@ def training_curves(run: Path, every: int = 100) -> dict[str, list]:
     return out
 
 
+def embedding_neighbours(world: Path, train_ids: list[str], user_ids: list[str]) -> dict[str, str]:
+    """For each of ``user_ids``, the training user with the most similar embedding (cosine after standardising
+    with the training users' mean and std, as ``embed_norm standardize`` does) in ``world/users.safetensors``;
+    empty when the world has no store."""
+    path = world / "users.safetensors"
+    if not path.is_file() or not train_ids or not user_ids:
+        return {}
+    from psa_adapter.data import open_embedding_store
+
+    store = open_embedding_store(path)
+    train = np.stack([np.asarray(store[u], dtype=np.float64) for u in train_ids])
+    mean, std = train.mean(0), train.std(0) + 1e-6
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        z = (x - mean) / std
+        return z / np.linalg.norm(z, axis=-1, keepdims=True)
+
+    sims = unit(np.stack([np.asarray(store[u], dtype=np.float64) for u in user_ids])) @ unit(train).T
+    return {u: train_ids[int(i)] for u, i in zip(user_ids, sims.argmax(1))}
+
+
 def diagnose(run: str | Path, method: str = "psa") -> dict:
     """The diagnosis of one run folder (see the module docstring)."""
     from psa_adapter.users import read_users_csv
@@ -88,12 +109,19 @@ def diagnose(run: str | Path, method: str = "psa") -> dict:
     manifest = json.loads((world / "manifest.json").read_text())
     train_ids = manifest["users_per_split"]["train"]
     train_sets = [set(users[u].banned) for u in train_ids]
+    neighbour = embedding_neighbours(world, train_ids, list(r.get("marks_by_user", {})))
     per_user = []
     for uid, c in sorted(r.get("marks_by_user", {}).items()):
         banned = set(users[uid].banned)
+        nn = neighbour.get(uid)
         per_user.append({
             "user": uid, "n_banned": len(banned), "nearest_jaccard": nearest_jaccard(banned, train_sets),
-            "set_trained": banned in train_sets, "banned_marked": c["banned_marked"], "banned": c["banned"],
+            "set_trained": banned in train_sets,
+            # The training user whose (standardised) embedding is closest: does the adapter's nearest example
+            # ban the same categories?
+            "embedding_neighbour": nn, "neighbour_same_set": None if nn is None else set(users[nn].banned) == banned,
+            "neighbour_jaccard": None if nn is None else jaccard(banned, users[nn].banned),
+            "banned_marked": c["banned_marked"], "banned": c["banned"],
             "banned_mark_rate": c["banned_marked"] / c["banned"] if c["banned"] else float("nan"),
             "allowed_mark_rate": c["allowed_marked"] / c["allowed"] if c["allowed"] else float("nan"),
         })
@@ -111,9 +139,12 @@ def diagnose(run: str | Path, method: str = "psa") -> dict:
         def pooled(sel) -> float | None:
             return float((y[sel] * w[sel]).sum() / w[sel].sum()) if sel.any() else None
 
+        same = np.array([bool(u["neighbour_same_set"]) for u in rows])
         summary = {
             "users": len(rows), "users_with_trained_set": int(exact.sum()),
             "banned_mark_rate_trained_set": pooled(exact), "banned_mark_rate_novel_set": pooled(~exact),
+            "users_neighbour_same_set": int(same.sum()),
+            "banned_mark_rate_neighbour_same_set": pooled(same), "banned_mark_rate_neighbour_other_set": pooled(~same),
             "corr_nearest_jaccard_vs_rate": float(np.corrcoef(x, y)[0, 1]) if x.std() > 0 and y.std() > 0 else None,
         }
     return {"run": str(run), "train_users": len(train_ids), "distinct_train_sets": len({frozenset(s) for s in
@@ -130,12 +161,18 @@ def format_diagnosis(d: dict) -> str:
              + (f"Unseen users whose exact set was trained: {s['users_with_trained_set']} of {s['users']} "
                 f"(pooled banned-mark rate {_f(s['banned_mark_rate_trained_set'])}; novel sets "
                 f"{_f(s['banned_mark_rate_novel_set'])}); correlation of nearest Jaccard with the rate "
-                f"{_f(s['corr_nearest_jaccard_vs_rate'])}." if s else ""), "",
-             "| user | banned cats | nearest Jaccard | set trained | banned marked / banned | allowed mark rate |",
-             "|---|---|---|---|---|---|"]
+                f"{_f(s['corr_nearest_jaccard_vs_rate'])}. Unseen users whose nearest training user in embedding "
+                f"space bans the same set: {s['users_neighbour_same_set']} of {s['users']} (pooled banned-mark rate "
+                f"{_f(s['banned_mark_rate_neighbour_same_set'])}; the others "
+                f"{_f(s['banned_mark_rate_neighbour_other_set'])})." if s else ""), "",
+             "| user | banned cats | nearest Jaccard | set trained | embedding neighbour: same set (Jaccard) "
+             "| banned marked / banned | allowed mark rate |",
+             "|---|---|---|---|---|---|---|"]
     for u in d["per_user"]:
         trained = "yes" if u["set_trained"] else "no"
-        lines.append(f"| {u['user']} | {u['n_banned']} | {u['nearest_jaccard']:.2f} | {trained}"
+        nn = "-" if u["embedding_neighbour"] is None else \
+            f"{'yes' if u['neighbour_same_set'] else 'no'} ({u['neighbour_jaccard']:.2f})"
+        lines.append(f"| {u['user']} | {u['n_banned']} | {u['nearest_jaccard']:.2f} | {trained} | {nn}"
                      f" | {u['banned_marked']} / {u['banned']} | {_f(u['allowed_mark_rate'])} |")
     lines += ["", "| category | banned-mark rate | share of training users banning it |", "|---|---|---|"]
     for c, v in d["per_category"].items():
@@ -210,5 +247,6 @@ def _f(v, digits: int = 3) -> str:
     return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{digits}f}"
 
 
-__all__ = ["GOALS", "check_goals", "diagnose", "format_diagnosis", "format_goals", "ideal_ip", "jaccard",
+__all__ = ["GOALS", "check_goals", "diagnose", "embedding_neighbours", "format_diagnosis", "format_goals",
+           "ideal_ip", "jaccard",
            "nearest_jaccard", "training_curves"]
