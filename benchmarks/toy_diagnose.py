@@ -32,6 +32,8 @@ def main(argv=None) -> int:
     runs = {}
     for spec in args.runs:
         label, _, folder = spec.rpartition("=")
+        if (label or folder) in runs:
+            parser.error(f"two runs are labelled {label or folder!r}: labels must differ")
         runs[label or folder] = Path(folder)
     missing = [str(r) for r in runs.values() if not (r / "results.json").is_file()]
     if missing:
