@@ -129,6 +129,12 @@ def test_demo_methods_default_to_the_four_rows_and_all_means_every_row(monkeypat
     with pytest.raises(SystemExit):
         cli.main(["--out", str(tmp_path), "--methods", "sld_extreme"])
     assert "unknown sld_extreme" in capsys.readouterr().err
+    jobs = []
+    monkeypatch.setattr(demo, "run_demo", lambda settings: jobs.append((settings.jobs, settings.threads)))
+    assert cli.main(["--out", str(tmp_path), "--jobs", "3"]) == 0 and jobs == [(3, 1)]  # one torch thread each
+    with pytest.raises(SystemExit):
+        cli.main(["--out", str(tmp_path), "--jobs", "0"])
+    assert "--jobs must be >= 1" in capsys.readouterr().err
 
 
 @pytest.mark.slow
