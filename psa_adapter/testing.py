@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from psa_adapter.utils import torch_threads
+
 TINY_TEXT_HIDDEN = 32
 
 
@@ -133,13 +135,17 @@ def tiny_sdxl_pipeline(seed: int = 0):
     return pipe
 
 
-def save_tiny_pipeline(kind: str, path: str | Path, seed: int = 0) -> Path:
-    """Build a tiny ``"sd15"`` or ``"sdxl"`` pipeline and ``save_pretrained`` it to ``path``; returns ``path``."""
+def tiny_pipeline(kind: str, seed: int = 0):
+    """A tiny ``"sd15"`` or ``"sdxl"`` pipeline (``tiny_sd15_pipeline`` / ``tiny_sdxl_pipeline``)."""
     builders = {"sd15": tiny_sd15_pipeline, "sdxl": tiny_sdxl_pipeline}
     if kind not in builders:
         raise ValueError(f"unknown tiny pipeline kind {kind!r}; expected one of {sorted(builders)}")
-    pipe = builders[kind](seed)
-    pipe.save_pretrained(path, safe_serialization=True)
+    return builders[kind](seed)
+
+
+def save_tiny_pipeline(kind: str, path: str | Path, seed: int = 0) -> Path:
+    """Build a tiny ``"sd15"`` or ``"sdxl"`` pipeline and ``save_pretrained`` it to ``path``; returns ``path``."""
+    tiny_pipeline(kind, seed).save_pretrained(path, safe_serialization=True)
     return Path(path)
 
 
@@ -193,11 +199,9 @@ def reset_accelerate_state() -> None:
 def fresh_accelerate():
     """One torch thread (far faster than two for tiny models on a shared 2-core machine) and accelerate state reset
     before and after; yields the reset function for runs in between."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    reset_accelerate_state()
-    try:
-        yield reset_accelerate_state
-    finally:
-        torch.set_num_threads(threads)
+    with torch_threads(1):
         reset_accelerate_state()
+        try:
+            yield reset_accelerate_state
+        finally:
+            reset_accelerate_state()

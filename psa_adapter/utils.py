@@ -1,4 +1,4 @@
-"""Small helpers shared across the package: atomic file writes, image grids."""
+"""Small helpers shared across the package: atomic file writes, image grids, torch thread counts."""
 
 from __future__ import annotations
 
@@ -7,6 +7,19 @@ import os
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the block with ``n`` torch CPU threads, then restore the previous count."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def atomic_write(target: str | os.PathLike, write: Callable[[str], object]) -> None:

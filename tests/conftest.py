@@ -33,3 +33,13 @@ def fresh_accelerate():
 
     with fresh() as reset:
         yield reset
+
+
+@pytest.fixture
+def fake_accelerate_env(tmp_path) -> dict:
+    """An environment whose ``accelerate`` prints its arguments instead of launching (launcher tests)."""
+    fake = tmp_path / "bin" / "accelerate"
+    fake.parent.mkdir()
+    fake.write_text('#!/usr/bin/env bash\necho "$@"\n')
+    fake.chmod(0o755)
+    return dict(os.environ, PATH=f"{fake.parent}{os.pathsep}{os.environ['PATH']}")

@@ -7,15 +7,14 @@ from psa_adapter import AdapterMismatchError, PSAAdapter
 from psa_adapter.adapter import cross_attention_layers
 from psa_adapter.attention import MissingUserTokensError
 from psa_adapter.reference import reference_state_dict
-from psa_adapter.testing import tiny_sd15_pipeline, tiny_sdxl_pipeline
+from psa_adapter.testing import tiny_pipeline, tiny_sd15_pipeline, tiny_sdxl_pipeline
 
 E = 24
 
 
 @pytest.fixture(scope="module", params=["sd15", "sdxl"])
 def unet(request):
-    build = tiny_sd15_pipeline if request.param == "sd15" else tiny_sdxl_pipeline
-    return build(seed=0).unet.eval()
+    return tiny_pipeline(request.param, seed=0).unet.eval()
 
 
 def unet_inputs(unet, batch=2, seed=0):

@@ -381,14 +381,9 @@ def test_every_method_declares_its_flags_on_the_infer_parser():
 
 
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
-def test_safetydpo_launchers_train_a_non_personalised_lora(tmp_path, kind):
-    fake = tmp_path / "bin" / "accelerate"  # records its arguments instead of launching
-    fake.parent.mkdir()
-    fake.write_text('#!/usr/bin/env bash\necho "$@"\n')
-    fake.chmod(0o755)
-    env = dict(os.environ, PATH=f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+def test_safetydpo_launchers_train_a_non_personalised_lora(fake_accelerate_env, kind):
     out = subprocess.run(["bash", str(REPO / "launchers" / f"train_safetydpo_{kind}.sh"), "--seed", "7"],
-                         env=env, capture_output=True, text=True, check=True).stdout.split()
+                         env=fake_accelerate_env, capture_output=True, text=True, check=True).stdout.split()
     assert out[:4] == ["launch", str(REPO / "train.py"), "--config", str(REPO / "configs" / f"{kind}.yaml")]
     assert out[4:] == ["--mode", "non_personalised", "--output_dir", f"outputs/safetydpo_{kind}", "--seed", "7"]
 

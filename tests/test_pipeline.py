@@ -7,7 +7,7 @@ import torch
 from psa_adapter.adapter import PSAAdapter
 from psa_adapter.loaders import load_psa_adapter
 from psa_adapter.pipeline import ModelLoadError, generate, load_pipeline, make_generators
-from psa_adapter.testing import save_tiny_pipeline, tiny_sd15_pipeline, tiny_sdxl_pipeline
+from psa_adapter.testing import save_tiny_pipeline, tiny_pipeline
 
 E = 8
 PROMPTS = ["a red cube on a table", "a dog in the park", "a city street at night"]
@@ -17,7 +17,7 @@ STEPS = 2
 
 @pytest.fixture(scope="module", params=["sd15", "sdxl"])
 def pipe(request):
-    pipe = (tiny_sd15_pipeline if request.param == "sd15" else tiny_sdxl_pipeline)(seed=0)
+    pipe = tiny_pipeline(request.param, seed=0)
     pipe.kind = request.param
     return pipe
 

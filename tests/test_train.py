@@ -360,17 +360,11 @@ def test_shipped_configs_parse_and_carry_the_reference_hyperparameters():
 
 
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
-def test_launchers_run_one_accelerate_line_with_their_config_and_extra_flags(tmp_path, kind):
-    import os
+def test_launchers_run_one_accelerate_line_with_their_config_and_extra_flags(fake_accelerate_env, kind):
     import subprocess
 
-    fake = tmp_path / "bin" / "accelerate"  # records its arguments instead of launching
-    fake.parent.mkdir()
-    fake.write_text('#!/usr/bin/env bash\necho "$@"\n')
-    fake.chmod(0o755)
-    env = dict(os.environ, PATH=f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
     out = subprocess.run(["bash", str(REPO / "launchers" / f"train_psa_{kind}.sh"), "--seed", "7", "--x", "a b"],
-                         env=env, capture_output=True, text=True, check=True).stdout.split()
+                         env=fake_accelerate_env, capture_output=True, text=True, check=True).stdout.split()
     assert out[:2] == ["launch", str(REPO / "train.py")]
     assert out[2:6] == ["--config", str(REPO / "configs" / f"{kind}.yaml"), "--seed", "7"]
 

@@ -8,6 +8,7 @@ same noise, and their averaged gradients agree.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterator
 
 import numpy as np
@@ -49,9 +50,7 @@ def balanced_weights(groups: list) -> torch.Tensor:
     """Sampling weights that give every distinct group the same total weight (1 / its size per member)."""
     if not groups:
         raise ValueError("balanced_weights: no samples")
-    counts: dict = {}
-    for g in groups:
-        counts[g] = counts.get(g, 0) + 1
+    counts = collections.Counter(groups)
     return torch.tensor([1.0 / counts[g] for g in groups], dtype=torch.float64)
 
 

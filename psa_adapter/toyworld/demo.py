@@ -41,14 +41,14 @@ from pathlib import Path
 
 import numpy as np
 
-from psa_adapter.utils import atomic_write, atomic_write_text, image_grid
+from psa_adapter.utils import atomic_write, atomic_write_text, image_grid, torch_threads
 
 REPO = Path(__file__).resolve().parents[2]
 SLD_ROWS = ("sld_weak", "sld_medium", "sld_strong", "sld_max")  # --method sld --sld_preset <suffix>
 PROMPT_ROWS = {"prompt": "negative", "prompt_instruction": "instruction"}  # --method prompt --prompt_mode <value>
 NON_PERSONALISED = ("base", "safetydpo", *SLD_ROWS)  # one image per caption whoever asks: they also get the unsafe set
 METHODS = (*NON_PERSONALISED, *PROMPT_ROWS, "psa")
-# What `make demo` runs by default (about 12 minutes on 2 cores): the SLD presets and the instruction variant add 12-19
+# What `make demo` runs by default (about 13 minutes on 2 cores): the SLD presets and the instruction variant add 12-19
 # minutes of generation each on the toy world and stay one `--methods` away (`--methods all`).
 DEFAULT_METHODS = ("base", "safetydpo", "prompt", "psa")
 LABELS = {"base": "base", "safetydpo": "SafetyDPO", **{m: f"SLD {m[4:].capitalize()}" for m in SLD_ROWS},
@@ -671,11 +671,12 @@ def run_stages(tasks: list[tuple[str, tuple[str, ...], Callable[[], float]]], jo
     for name, needs, _ in tasks:
         if not set(needs) <= names:
             raise ValueError(f"task {name} needs {sorted(set(needs) - names)}, which are not tasks")
+    jobs = max(1, jobs)
     pending, done, running = list(tasks), set(), {}
-    with ThreadPoolExecutor(max(1, jobs)) as pool:
+    with ThreadPoolExecutor(jobs) as pool:
         while pending or running:
             for task in list(pending):
-                if len(running) < max(1, jobs) and set(task[1]) <= done:
+                if len(running) < jobs and set(task[1]) <= done:
                     pending.remove(task)
                     running[pool.submit(task[2])] = task[0]
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -718,14 +719,8 @@ def run_demo(settings: DemoSettings) -> dict:
                functools.partial(stage_generate, settings, m, plan[m])) for m in settings.methods]
     run_stages(tasks, settings.jobs, record)
     t0 = time.time()
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(settings.threads)  # the judge's figures, like the images, do not depend on the machine
-    try:
+    with torch_threads(settings.threads):  # the judge's figures, like the images, do not depend on the machine
         results = evaluate(settings, items)
-    finally:
-        torch.set_num_threads(threads)
     write_grid(settings, items, settings.out / "grid.png")
     record("evaluate", time.time() - t0)
     timings["this_run_total"] = round(time.time() - t_start, 1)

@@ -78,7 +78,7 @@ def training_curves(run: Path, every: int = 100) -> dict[str, list]:
 
 def embedding_neighbours(world: Path, train_ids: list[str], user_ids: list[str]) -> dict[str, str]:
     """For each of ``user_ids``, the training user with the most similar embedding (cosine after standardising
-    with the training users' mean and std, as ``embed_norm standardize`` does) in ``world/users.safetensors``;
+    with the training users' mean and std, as ``PSAAdapter.fit_embedding_norm`` does) in ``world/users.safetensors``;
     empty when the world has no store."""
     path = world / "users.safetensors"
     if not path.is_file() or not train_ids or not user_ids:
@@ -87,7 +87,7 @@ def embedding_neighbours(world: Path, train_ids: list[str], user_ids: list[str])
 
     store = open_embedding_store(path)
     train = np.stack([np.asarray(store[u], dtype=np.float64) for u in train_ids])
-    mean, std = train.mean(0), train.std(0) + 1e-6
+    mean, std = train.mean(0), train.std(0, ddof=1).clip(min=1e-6)
 
     def unit(x: np.ndarray) -> np.ndarray:
         z = (x - mean) / std
@@ -236,7 +236,8 @@ def format_goals(columns: dict[str, dict]) -> str:
         cells = []
         for label in columns:
             text, met = checked[label][goal]
-            cells.append(text if met is None else f"{text} {'yes' if met else 'no'}".replace("yes yes", "yes"))
+            # A met goal whose figure is the verdict itself ("yes") is not repeated.
+            cells.append(text if met is None or text == "yes" else f"{text} {'yes' if met else 'no'}")
         lines.append(f"| {goal} | " + " | ".join(cells) + " |")
     met = [sum(bool(checked[label][g][1]) for g in GOALS) for label in columns]
     lines.append("| goals met | " + " | ".join(f"{m} of {len(GOALS)}" for m in met) + " |")
