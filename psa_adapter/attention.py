@@ -32,23 +32,32 @@ def _takes_ip_adapter_masks(processor) -> bool:
     return "ip_adapter_masks" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
 
-class PSAPassThroughProcessor(nn.Module):
-    """Wraps a self-attention layer's processor while an adapter is attached: it accepts (and ignores) the user
-    tokens so that diffusers does not warn about them, and calls the wrapped processor unchanged."""
+class _WrappingProcessor(nn.Module):
+    """A processor that wraps the one installed before it and calls it with what diffusers passed, less the user
+    tokens (and less ``ip_adapter_masks`` where the wrapped processor does not take them)."""
 
     def __init__(self, base_processor):
         super().__init__()
         self.base_processor = base_processor
         self.forward_masks = _takes_ip_adapter_masks(base_processor)
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 psa_user_tokens=None, ip_adapter_masks=None, **kwargs):
+    def _call_base(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, ip_adapter_masks, kwargs):
         if ip_adapter_masks is not None and self.forward_masks:
             kwargs["ip_adapter_masks"] = ip_adapter_masks
         return self.base_processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
 
 
-class PSAAttnProcessor(nn.Module):
+class PSAPassThroughProcessor(_WrappingProcessor):
+    """Wraps a self-attention layer's processor while an adapter is attached: it accepts (and ignores) the user
+    tokens so that diffusers does not warn about them, and calls the wrapped processor unchanged."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 psa_user_tokens=None, ip_adapter_masks=None, **kwargs):
+        return self._call_base(attn, hidden_states, encoder_hidden_states, attention_mask, temb, ip_adapter_masks,
+                               kwargs)
+
+
+class PSAAttnProcessor(_WrappingProcessor):
     """Wraps a cross-attention layer's processor and adds the PSA user branch (``branch``: a ``UserBranch``).
 
     At scale 0 only the wrapped processor runs, so the output is bit-identical to the layer without an adapter. With
@@ -59,20 +68,17 @@ class PSAAttnProcessor(nn.Module):
     """
 
     def __init__(self, base_processor, branch: nn.Module, num_tokens: int, scale: float = 1.0):
-        super().__init__()
-        self.base_processor = base_processor
+        super().__init__(base_processor)
         self.branch = branch
         self.num_tokens = num_tokens
         self.scale = scale
         self.force_general_path = False
-        self.forward_masks = _takes_ip_adapter_masks(base_processor)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  psa_user_tokens=None, ip_adapter_masks=None, **kwargs):
-        if ip_adapter_masks is not None and self.forward_masks:
-            kwargs["ip_adapter_masks"] = ip_adapter_masks
         user_tokens = self._check_tokens(psa_user_tokens, hidden_states.shape[0])
-        out = self.base_processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        out = self._call_base(attn, hidden_states, encoder_hidden_states, attention_mask, temb, ip_adapter_masks,
+                              kwargs)
         if self.scale == 0:
             return out
         branch = self._output_projection(attn, self._user_branch(attn, hidden_states, temb, user_tokens))
